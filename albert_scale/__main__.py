@@ -1,0 +1,5 @@
+import sys
+
+from albert_scale.cli import main
+
+sys.exit(main())

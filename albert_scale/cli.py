@@ -1,0 +1,119 @@
+"""The ``albert-scale`` command: one console script, a subcommand per stage.
+
+Usage:
+    albert-scale COMMAND [--help] [ARGS ...]
+
+Each subcommand lives in its own module with a ``main(argv=None, prog=None) -> int`` and is imported only
+when it runs, so ``--help`` stays fast and heavy dependencies load where they are used. The same modules
+run as ``python -m MODULE``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import importlib
+import os
+import sys
+from collections.abc import Callable, Sequence
+
+# name -> (module with main(argv, prog), one-line summary). Only commands that work are listed.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "plan": (
+        "albert_scale.plan",
+        "resolve a config with overrides; print it, the batch arithmetic, model size and FLOPs",
+    ),
+}
+
+# Errors a user can fix: they are reported as one line naming the problem, with a non-zero exit.
+# ALBERT_SCALE_DEBUG=1 shows the traceback instead.
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError)
+
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+MainFn = Callable[[Sequence[str] | None, str | None], int]
+
+
+def stage_main(fn: Callable[[argparse.Namespace], int | None], build_parser: Callable[[str], argparse.ArgumentParser]) -> MainFn:
+    """Makes a stage's ``main(argv=None, prog=None) -> int`` from its parser and its body.
+
+    User errors become ``PROG: error: MESSAGE`` on stderr and exit code 2; Ctrl-C exits 130.
+    """
+
+    @functools.wraps(fn)
+    def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+        parser = build_parser(prog or f"python -m {fn.__module__}")
+        args = parser.parse_args(argv)
+        try:
+            return fn(args) or 0
+        except USER_ERRORS as err:
+            if os.environ.get("ALBERT_SCALE_DEBUG"):
+                raise
+            print(f"{parser.prog}: error: {_one_line(err)}", file=sys.stderr)
+            return EXIT_USER_ERROR
+        except KeyboardInterrupt:
+            print(f"{parser.prog}: interrupted", file=sys.stderr)
+            return EXIT_INTERRUPTED
+
+    return main
+
+
+def _one_line(err: BaseException) -> str:
+    text = str(err) or type(err).__name__
+    return " ".join(text.split())
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, *, required: bool = True) -> None:
+    """``--config CFG`` and trailing ``key=value`` overrides, shared by every config-driven stage."""
+    parser.add_argument(
+        "--config",
+        required=required,
+        metavar="CFG",
+        help="YAML config file, or a preset name: tiny, quickstart, albert-base, albert-large, "
+        "albert-xlarge, albert-xxlarge",
+    )
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="dotted overrides applied on top of the file, e.g. optim.lr=1e-3 zero.stage=3",
+    )
+
+
+def _root_parser() -> argparse.ArgumentParser:
+    width = max(len(name) for name in COMMANDS)
+    listing = "\n".join(f"  {name:<{width}}  {summary}" for name, (_, summary) in COMMANDS.items())
+    parser = argparse.ArgumentParser(
+        prog="albert-scale",
+        description="Distributed ALBERT pretraining: data pipeline, DeepSpeed ZeRO + LAMB, MLflow.",
+        epilog=f"commands:\n{listing}\n\nRun 'albert-scale COMMAND --help' for a command's options.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    parser.add_argument("command", metavar="COMMAND", help="one of: " + ", ".join(COMMANDS))
+    parser.add_argument("args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    return parser
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("albert-scale")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _root_parser()
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    if args.command not in COMMANDS:
+        parser.error(f"unknown command {args.command!r} (commands: {', '.join(COMMANDS)})")
+    module_name, _ = COMMANDS[args.command]
+    module = importlib.import_module(module_name)
+    return module.main(args.args, prog=f"albert-scale {args.command}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,375 @@
+"""ALBERT for pretraining: factorized embeddings, cross-layer parameter sharing, MLM and SOP heads.
+
+Parameter names are those of Hugging Face's ``AlbertForPreTraining`` (the interchange format), so a
+``state_dict()`` moves between the two with ``strict=True``. This file imports nothing distributed: the
+model is built plain here and wrapped for parallelism elsewhere.
+
+Shapes: B batch, S sequence, P masked positions, E embedding size, H hidden size, N heads, D head size,
+I FFN size, V vocabulary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from functools import partial
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+# Hidden activations by their Hugging Face names. ALBERT uses `gelu_new`, the tanh approximation, which
+# torch computes as one fused op (Hugging Face spells it out in five element-wise ops).
+ACTIVATIONS = {
+    "gelu_new": partial(F.gelu, approximate="tanh"),
+    "gelu_pytorch_tanh": partial(F.gelu, approximate="tanh"),
+    "gelu": F.gelu,
+    "relu": F.relu,
+    "silu": F.silu,
+    "swish": F.silu,
+}
+
+IGNORE_INDEX = -100  # label value that contributes no loss (padding of masked positions)
+
+
+@dataclass(frozen=True)
+class AlbertConfig:
+    """ALBERT architecture. Field names and defaults are those of ``transformers.AlbertConfig``
+    (the defaults are ALBERT-xxlarge v2)."""
+
+    vocab_size: int = 30000
+    """Vocabulary size of the SentencePiece model."""
+    embedding_size: int = 128
+    """Size E of the factorized token embeddings (projected to the hidden size)."""
+    hidden_size: int = 4096
+    """Hidden size H of every transformer layer."""
+    num_hidden_layers: int = 12
+    """Layer applications L (the shared layers are run this many times)."""
+    num_hidden_groups: int = 1
+    """Groups of shared parameters; layer i uses group int(i / L * groups)."""
+    num_attention_heads: int = 64
+    """Attention heads; must divide the hidden size."""
+    intermediate_size: int = 16384
+    """FFN size I."""
+    inner_group_num: int = 1
+    """Distinct layers inside a group, run one after the other at each application."""
+    hidden_act: str = "gelu_new"
+    """Activation of the FFN and the MLM head: gelu_new (tanh approximation), gelu, relu, silu."""
+    hidden_dropout_prob: float = 0.0
+    """Dropout on embeddings and layer outputs (0 in ALBERT v2)."""
+    attention_probs_dropout_prob: float = 0.0
+    """Dropout on attention probabilities (0 in ALBERT v2)."""
+    max_position_embeddings: int = 512
+    """Longest sequence the position table holds."""
+    type_vocab_size: int = 2
+    """Token types (segments A and B)."""
+    initializer_range: float = 0.02
+    """Standard deviation of the normal initializer."""
+    layer_norm_eps: float = 1e-12
+    """LayerNorm epsilon."""
+    classifier_dropout_prob: float = 0.1
+    """Dropout before the SOP and downstream classifiers."""
+    pad_token_id: int = 0
+    """Id of [pad]; its embedding row starts at zero and gets no gradient from the lookup."""
+
+    def __post_init__(self) -> None:
+        positive = (
+            "vocab_size",
+            "embedding_size",
+            "hidden_size",
+            "num_hidden_layers",
+            "num_hidden_groups",
+            "num_attention_heads",
+            "intermediate_size",
+            "inner_group_num",
+            "max_position_embeddings",
+            "type_vocab_size",
+        )
+        for name in positive:
+            value = getattr(self, name)
+            if value < 1:
+                raise ValueError(f"{name}={value}: must be >= 1")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"hidden_size={self.hidden_size}: not divisible by "
+                f"num_attention_heads={self.num_attention_heads}"
+            )
+        if self.num_hidden_groups > self.num_hidden_layers:
+            raise ValueError(
+                f"num_hidden_groups={self.num_hidden_groups}: more groups than "
+                f"num_hidden_layers={self.num_hidden_layers}"
+            )
+        if self.hidden_act not in ACTIVATIONS:
+            raise ValueError(f"hidden_act={self.hidden_act!r}: expected one of {sorted(ACTIVATIONS)}")
+        for name in ("hidden_dropout_prob", "attention_probs_dropout_prob", "classifier_dropout_prob"):
+            value = getattr(self, name)
+            if not 0.0 <= value < 1.0:
+                raise ValueError(f"{name}={value}: must be in [0, 1)")
+        if self.initializer_range <= 0 or self.layer_norm_eps <= 0:
+            raise ValueError("initializer_range and layer_norm_eps must be > 0")
+        if not 0 <= self.pad_token_id < self.vocab_size:
+            raise ValueError(f"pad_token_id={self.pad_token_id}: outside the vocabulary of {self.vocab_size}")
+
+    @property
+    def layers_run(self) -> int:
+        """Transformer layers executed per forward pass (applications x layers per group)."""
+        return self.num_hidden_layers * self.inner_group_num
+
+    def group_of_layer(self, i: int) -> int:
+        """The parameter group used by layer application ``i`` (exact integer form of int(i / L * G))."""
+        return i * self.num_hidden_groups // self.num_hidden_layers
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        """The ``config.json`` contents of the equivalent Hugging Face model."""
+        return {
+            **asdict(self),
+            "model_type": "albert",
+            "architectures": ["AlbertForPreTraining"],
+            "bos_token_id": 2,
+            "eos_token_id": 3,
+            "tie_word_embeddings": True,
+        }
+
+
+@dataclass
+class PreTrainingOutput:
+    """What ``AlbertForPreTraining.forward`` returns. Losses are None without labels."""
+
+    loss: Tensor | None
+    mlm_loss: Tensor | None
+    sop_loss: Tensor | None
+    mlm_logits: Tensor  # [B, P, V] at the given masked positions, else [B, S, V]
+    sop_logits: Tensor  # [B, 2]
+
+
+class AlbertEmbeddings(nn.Module):
+    """Token, position and token-type embeddings of size E, summed and normalized."""
+
+    def __init__(self, config: AlbertConfig):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(
+            config.vocab_size, config.embedding_size, padding_idx=config.pad_token_id
+        )
+        self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.embedding_size)
+        self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.embedding_size)
+        self.LayerNorm = nn.LayerNorm(config.embedding_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, input_ids: Tensor, token_type_ids: Tensor | None) -> Tensor:
+        seq_len = input_ids.shape[1]
+        x = self.word_embeddings(input_ids)  # [B, S, E]
+        if token_type_ids is None:
+            x = x + self.token_type_embeddings.weight[0]
+        else:
+            x = x + self.token_type_embeddings(token_type_ids)
+        x = x + self.position_embeddings.weight[:seq_len]  # [S, E] broadcast over B
+        return self.dropout(self.LayerNorm(x))
+
+
+class AlbertAttention(nn.Module):
+    """Multi-head self-attention with a residual LayerNorm (post-norm, as BERT and ALBERT)."""
+
+    def __init__(self, config: AlbertConfig):
+        super().__init__()
+        hidden = config.hidden_size
+        self.num_heads = config.num_attention_heads
+        self.query = nn.Linear(hidden, hidden)
+        self.key = nn.Linear(hidden, hidden)
+        self.value = nn.Linear(hidden, hidden)
+        self.dense = nn.Linear(hidden, hidden)
+        self.LayerNorm = nn.LayerNorm(hidden, eps=config.layer_norm_eps)
+        self.attention_dropout = config.attention_probs_dropout_prob
+        self.output_dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, x: Tensor, mask: Tensor | None) -> Tensor:
+        batch, seq_len, hidden = x.shape
+        # One GEMM for q, k and v; the three tensors stay separate parameters under their HF names.
+        weight = torch.cat((self.query.weight, self.key.weight, self.value.weight))  # [3H, H]
+        bias = torch.cat((self.query.bias, self.key.bias, self.value.bias))
+        qkv = F.linear(x, weight, bias).view(batch, seq_len, 3, self.num_heads, hidden // self.num_heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x [B, N, S, D]
+        dropout = self.attention_dropout if self.training else 0.0
+        context = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+        context = context.transpose(1, 2).reshape(batch, seq_len, hidden)  # [B, S, H]
+        return self.LayerNorm(x + self.output_dropout(self.dense(context)))
+
+
+class AlbertLayer(nn.Module):
+    """Attention block followed by the FFN block, each with a residual LayerNorm."""
+
+    def __init__(self, config: AlbertConfig):
+        super().__init__()
+        self.attention = AlbertAttention(config)
+        self.ffn = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.ffn_output = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.full_layer_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.activation = ACTIVATIONS[config.hidden_act]
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, x: Tensor, mask: Tensor | None) -> Tensor:
+        attended = self.attention(x, mask)  # [B, S, H]
+        out = self.ffn_output(self.activation(self.ffn(attended)))  # [B, S, I] -> [B, S, H]
+        return self.full_layer_layer_norm(attended + self.dropout(out))
+
+
+class AlbertLayerGroup(nn.Module):
+    """One set of shared parameters: ``inner_group_num`` distinct layers."""
+
+    def __init__(self, config: AlbertConfig):
+        super().__init__()
+        self.albert_layers = nn.ModuleList(AlbertLayer(config) for _ in range(config.inner_group_num))
+
+
+class AlbertTransformer(nn.Module):
+    """Projects embeddings E -> H, then applies the shared layer groups L times."""
+
+    def __init__(self, config: AlbertConfig):
+        super().__init__()
+        self.config = config
+        self.embedding_hidden_mapping_in = nn.Linear(config.embedding_size, config.hidden_size)
+        self.albert_layer_groups = nn.ModuleList(
+            AlbertLayerGroup(config) for _ in range(config.num_hidden_groups)
+        )
+        self.activation_checkpointing = False
+
+    def forward(self, x: Tensor, mask: Tensor | None) -> Tensor:
+        x = self.embedding_hidden_mapping_in(x)  # [B, S, E] -> [B, S, H]
+        recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
+        for i in range(self.config.num_hidden_layers):
+            for layer in self.albert_layer_groups[self.config.group_of_layer(i)].albert_layers:
+                if recompute:
+                    # Non-reentrant: the reentrant variant breaks with shared weights under ZeRO-2.
+                    x = checkpoint(layer, x, mask, use_reentrant=False)
+                else:
+                    x = layer(x, mask)
+        return x
+
+
+class AlbertModel(nn.Module):
+    """The encoder: embeddings, shared transformer layers, and the tanh pooler on [CLS]."""
+
+    def __init__(self, config: AlbertConfig):
+        super().__init__()
+        self.config = config
+        self.embeddings = AlbertEmbeddings(config)
+        self.encoder = AlbertTransformer(config)
+        self.pooler = nn.Linear(config.hidden_size, config.hidden_size)
+
+    def forward(
+        self, input_ids: Tensor, attention_mask: Tensor | None = None, token_type_ids: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Returns the sequence output [B, S, H] and the pooled [CLS] output [B, H]."""
+        mask = None
+        if attention_mask is not None:
+            mask = attention_mask.bool()[:, None, None, :]  # [B, 1, 1, S], True = attend
+        x = self.encoder(self.embeddings(input_ids, token_type_ids), mask)
+        return x, torch.tanh(self.pooler(x[:, 0]))
+
+
+class AlbertMLMHead(nn.Module):
+    """Dense H -> E, activation, LayerNorm, then the decoder tied to the word embeddings, plus a bias."""
+
+    def __init__(self, config: AlbertConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.embedding_size)
+        self.activation = ACTIVATIONS[config.hidden_act]
+        self.LayerNorm = nn.LayerNorm(config.embedding_size, eps=config.layer_norm_eps)
+        self.bias = nn.Parameter(torch.zeros(config.vocab_size))
+        self.decoder = nn.Linear(config.embedding_size, config.vocab_size)
+        self.decoder.bias = self.bias  # one tensor under both names, as Hugging Face ties it
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.decoder(self.LayerNorm(self.activation(self.dense(x))))  # [..., H] -> [..., V]
+
+
+class AlbertSOPHead(nn.Module):
+    """Sentence-order prediction from the pooled output: 1 = segments swapped."""
+
+    def __init__(self, config: AlbertConfig):
+        super().__init__()
+        self.dropout = nn.Dropout(config.classifier_dropout_prob)
+        self.classifier = nn.Linear(config.hidden_size, 2)
+
+    def forward(self, pooled: Tensor) -> Tensor:
+        return self.classifier(self.dropout(pooled))
+
+
+class AlbertForPreTraining(nn.Module):
+    """ALBERT with its two pretraining heads: masked language modelling and sentence-order prediction."""
+
+    def __init__(self, config: AlbertConfig, *, activation_checkpointing: bool = False):
+        super().__init__()
+        self.config = config
+        self.albert = AlbertModel(config)
+        self.predictions = AlbertMLMHead(config)
+        self.sop_classifier = AlbertSOPHead(config)
+        self.predictions.decoder.weight = self.albert.embeddings.word_embeddings.weight
+        self.set_activation_checkpointing(activation_checkpointing)
+        self.init_weights()
+
+    def set_activation_checkpointing(self, enabled: bool) -> None:
+        """Recompute each layer application in the backward pass instead of storing its activations."""
+        self.albert.encoder.activation_checkpointing = enabled
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Normal(0, initializer_range) for matrices and embeddings, zero biases, unit LayerNorms."""
+        std = self.config.initializer_range
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                module.weight.normal_(0.0, std)
+                if module.bias is not None:
+                    module.bias.zero_()
+            elif isinstance(module, nn.Embedding):
+                module.weight.normal_(0.0, std)
+                if module.padding_idx is not None:
+                    module.weight[module.padding_idx].zero_()
+            elif isinstance(module, nn.LayerNorm):
+                module.weight.fill_(1.0)
+                module.bias.zero_()
+        self.predictions.bias.zero_()
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        token_type_ids: Tensor | None = None,
+        *,
+        masked_lm_positions: Tensor | None = None,
+        masked_lm_labels: Tensor | None = None,
+        sentence_order_labels: Tensor | None = None,
+    ) -> PreTrainingOutput:
+        """Runs the encoder and both heads.
+
+        input_ids, attention_mask (1 = token, 0 = pad), token_type_ids: [B, S].
+        masked_lm_positions: [B, P] positions to predict; the hidden states are gathered there before the
+        vocabulary projection. Without it, logits are computed for every position.
+        masked_lm_labels: [B, P] (or [B, S] without positions), IGNORE_INDEX where nothing is predicted.
+        sentence_order_labels: [B], 1 = segments swapped.
+        """
+        sequence, pooled = self.albert(input_ids, attention_mask, token_type_ids)
+        if masked_lm_positions is not None:
+            index = masked_lm_positions.unsqueeze(-1).expand(-1, -1, sequence.shape[-1])
+            sequence = sequence.gather(1, index)  # [B, P, H]
+        mlm_logits = self.predictions(sequence)
+        sop_logits = self.sop_classifier(pooled)
+
+        mlm_loss = sop_loss = loss = None
+        if masked_lm_labels is not None:
+            mlm_loss = F.cross_entropy(
+                mlm_logits.flatten(0, 1).float(), masked_lm_labels.flatten(), ignore_index=IGNORE_INDEX
+            )
+            loss = mlm_loss
+        if sentence_order_labels is not None:
+            sop_loss = F.cross_entropy(sop_logits.float(), sentence_order_labels.flatten())
+            loss = sop_loss if loss is None else loss + sop_loss
+        return PreTrainingOutput(loss, mlm_loss, sop_loss, mlm_logits, sop_logits)
+
+
+def count_parameters(config: AlbertConfig) -> int:
+    """Distinct parameters of ``AlbertForPreTraining(config)`` (tied tensors counted once), computed on the
+    meta device without allocating them."""
+    with torch.device("meta"):
+        model = AlbertForPreTraining(config)
+    return sum(p.numel() for p in model.parameters())
