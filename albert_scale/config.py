@@ -231,9 +231,7 @@ def resolve_config_path(name_or_path: str | os.PathLike[str]) -> Path:
     raise ConfigError(f"config {str(name_or_path)!r}: no such file and no such preset (presets: {presets})")
 
 
-def load_config(
-    name_or_path: str | os.PathLike[str] | None = None, overrides: Sequence[str] = ()
-) -> Config:
+def load_config(name_or_path: str | os.PathLike[str] | None = None, overrides: Sequence[str] = ()) -> Config:
     """Builds a :class:`Config` from defaults, an optional YAML file and ``key=value`` overrides."""
     tree: dict[str, Any] = {}
     if name_or_path is not None:
@@ -243,9 +241,13 @@ def load_config(
         except yaml.YAMLError as err:
             mark = getattr(err, "problem_mark", None)
             where = f" line {mark.line + 1}" if mark is not None else ""
-            raise ConfigError(f"config {str(path)!r}{where}: not valid YAML ({getattr(err, 'problem', err)})")
+            raise ConfigError(
+                f"config {str(path)!r}{where}: not valid YAML ({getattr(err, 'problem', err)})"
+            ) from None
         if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"config {str(path)!r}: expected a mapping of sections, got {type(loaded).__name__}")
+            raise ConfigError(
+                f"config {str(path)!r}: expected a mapping of sections, got {type(loaded).__name__}"
+            )
         tree = loaded or {}
     for item in overrides:
         key, value = parse_override(item)

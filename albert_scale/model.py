@@ -100,6 +100,19 @@ class AlbertConfig:
                 f"num_hidden_groups={self.num_hidden_groups}: more groups than "
                 f"num_hidden_layers={self.num_hidden_layers}"
             )
+        for i in range(self.num_hidden_layers):
+            # google-research/ALBERT computes int(i / L * G), transformers int(i / (L / G)); in floating
+            # point they disagree for a few (L, G) pairs, and a checkpoint would then run differently in
+            # the two. Such pairs are refused rather than silently made non-portable.
+            exact = self.group_of_layer(i)
+            original = int(i / self.num_hidden_layers * self.num_hidden_groups)
+            hf = int(i / (self.num_hidden_layers / self.num_hidden_groups))
+            if not exact == original == hf:
+                raise ValueError(
+                    f"num_hidden_groups={self.num_hidden_groups}: with num_hidden_layers="
+                    f"{self.num_hidden_layers}, layer {i} would use group {original} in google-research/ALBERT "
+                    f"but {hf} in transformers; pick a group count that divides the layers"
+                )
         if self.hidden_act not in ACTIVATIONS:
             raise ValueError(f"hidden_act={self.hidden_act!r}: expected one of {sorted(ACTIVATIONS)}")
         for name in ("hidden_dropout_prob", "attention_probs_dropout_prob", "classifier_dropout_prob"):
@@ -317,6 +330,8 @@ class AlbertForPreTraining(nn.Module):
         """Normal(0, initializer_range) for matrices and embeddings, zero biases, unit LayerNorms."""
         std = self.config.initializer_range
         for module in self.modules():
+            if module is self.predictions.decoder:
+                continue  # tied: its weight is the word embeddings, its bias the head's bias
             if isinstance(module, nn.Linear):
                 module.weight.normal_(0.0, std)
                 if module.bias is not None:

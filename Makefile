@@ -1,0 +1,60 @@
+# Set-up and checks. `make test` is what CI runs (.ci/run): it installs into .venv and runs lint and the
+# default test suite. Tiers: `make test-slow` adds the slow end-to-end tests.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PIP := $(BIN)/python -m pip
+STAMP := $(VENV)/.installed
+# The torch build to install first. torch==2.13.0 is the CPU wheel on machines that provide one locally;
+# on a GPU machine install the CUDA build of the same version before `make install` (see README.md).
+TORCH_SPEC ?= torch==2.13.0
+PYTEST_ARGS ?=
+
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: install run test test-slow lint format bench-model clean
+
+install: $(STAMP)
+
+# torch first, then deepspeed without build isolation (its build imports torch; an isolated build would
+# download another, CUDA, torch), then the package and its other dependencies pinned by the lock file.
+$(STAMP): pyproject.toml requirements-lock.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade "pip>=24" "setuptools>=69" wheel
+	$(PIP) install --quiet "$(TORCH_SPEC)"
+	$(PIP) install --quiet --no-build-isolation -c requirements-lock.txt deepspeed
+	$(PIP) install --quiet -c requirements-lock.txt -e ".[dev]"
+	$(BIN)/python -c "import torch, deepspeed, transformers, ray, mlflow; print('installed: torch', torch.__version__, '| deepspeed', deepspeed.__version__)"
+	touch $(STAMP)
+
+# The main job, as far as it is built: fetch a real corpus and plan the quickstart run.
+run: install
+	$(BIN)/albert-scale corpus fetch news --output data/corpora
+	$(BIN)/albert-scale plan --config quickstart
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: install
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+# pytest exits 5 when a selection holds no test; that is not a failure of the code.
+define run_pytest
+	$(BIN)/python -m pytest $(1) $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest: no tests selected"; rc=0; fi; exit $$rc
+endef
+
+test: lint
+	$(call run_pytest,)
+
+test-slow: install
+	$(call run_pytest,-m slow)
+
+bench-model: install
+	$(BIN)/python bench/model_step.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
