@@ -14,6 +14,7 @@ import argparse
 import functools
 import importlib
 import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 
@@ -89,6 +90,21 @@ def add_config_arguments(parser: argparse.ArgumentParser, *, required: bool = Tr
         metavar="key=value",
         help="dotted overrides applied on top of the file, e.g. optim.lr=1e-3 zero.stage=3",
     )
+
+
+_OVERRIDE = re.compile(r"^[A-Za-z_]\w*(\.\w+)+=")
+
+
+def move_overrides(args: argparse.Namespace, option: str) -> None:
+    """Moves ``key=value`` words that a greedy ``nargs="+"`` option swallowed into ``args.overrides``.
+
+    ``--input a.txt b.txt optim.lr=1e-3`` then means what it looks like. A word that is an existing
+    path stays an input.
+    """
+    values = getattr(args, option)
+    keep = [v for v in values if not _OVERRIDE.match(v) or os.path.exists(v)]
+    args.overrides = [v for v in values if v not in keep] + list(args.overrides)
+    setattr(args, option, keep)
 
 
 def _root_parser() -> argparse.ArgumentParser:

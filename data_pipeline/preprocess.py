@@ -33,7 +33,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from albert_scale.cli import add_config_arguments, stage_main
+from albert_scale.cli import add_config_arguments, move_overrides, stage_main
 from albert_scale.config import Config, load_config
 from albert_scale.fileio import atomic_write_bytes, atomic_write_text, sha256_file
 from data_pipeline import tokenizer as tok
@@ -278,6 +278,7 @@ def write_shards(
 
 def run(args: argparse.Namespace) -> int:
     started = time.time()
+    move_overrides(args, "input")
     config = load_config(args.config, args.overrides)
     if config.data.max_seq_length > config.model.max_position_embeddings:
         raise ValueError(

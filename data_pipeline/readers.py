@@ -177,6 +177,8 @@ def _add_file(
 
 def _open(item: InputFile) -> pa.NativeFile:
     fs, fs_path = _split_uri(item.uri)
+    if item.format == "parquet":
+        return fs.open_input_file(fs_path)  # Parquet reads its footer first: it needs random access
     return fs.open_input_stream(fs_path, compression=item.compression)
 
 
