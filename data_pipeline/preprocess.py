@@ -40,7 +40,13 @@ from data_pipeline import tokenizer as tok
 from data_pipeline.instances import SCHEMA_VERSION, SHARD_SCHEMA
 from data_pipeline.readers import InputFile, ReadLimits, discover, fingerprint_inputs
 from data_pipeline.shards import MANIFEST, PROGRESS, ShardWriter
-from data_pipeline.stages import DocumentEncoder, explode, prepare_documents, read_rows, sample_sentences
+from data_pipeline.stages import (
+    DocumentEncoder,
+    explode,
+    prepare_documents,
+    read_rows,
+    sample_sentences,
+)
 
 # Rows of the read stage are grouped into blocks of about this size, so even a single large input file
 # is spread over the actor pool.
@@ -126,6 +132,10 @@ def prepare_output(output: Path, fp: str) -> dict[str, Any] | None:
 
 def _start_ray(address: str | None) -> bool:
     """Connects to Ray; returns whether this call started it (and so must stop it)."""
+    # Ray Data's INFO lines, and a core-worker notice printed once for every actor pool, would bury ours;
+    # set these variables to see them.
+    os.environ.setdefault("RAY_DATA_LOG_LEVEL", "ERROR")
+    os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
     import ray
 
     if ray.is_initialized():
@@ -186,7 +196,7 @@ def train_tokenizer(
             unit="B",
             unit_scale=True,
             disable=quiet,
-            total=pre.tokenizer_sample_bytes,
+            total=min(pre.tokenizer_sample_bytes, total),
         )
         with sample.open("w", encoding="utf-8") as f:
             for batch in sentences.iter_batches(batch_format="pyarrow", batch_size=None):
@@ -194,7 +204,7 @@ def train_tokenizer(
                     line = sentence.replace("\n", " ") + "\n"
                     f.write(line)
                     written += len(line)
-                bar.update(min(written, pre.tokenizer_sample_bytes) - bar.n)
+                bar.update(min(written, bar.total) - bar.n)
                 if written >= pre.tokenizer_sample_bytes:
                     break
         bar.close()
@@ -222,22 +232,19 @@ def write_shards(
     import ray
 
     pre, data = config.preprocess, config.data
-    encoded = (
-        _read_dataset(files, limits)
-        .map_batches(prepare_documents, fn_kwargs={"lowercase": pre.lowercase}, batch_format="pyarrow")
-        .map_batches(
-            DocumentEncoder,
-            fn_constructor_kwargs={
-                "model_path": str(output / tok.MODEL_FILENAME),
-                "max_seq_length": data.max_seq_length,
-                "short_seq_prob": data.short_seq_prob,
-                "seed": pre.seed,
-                "validation_fraction": pre.validation_fraction,
-            },
-            batch_format="pyarrow",
-            compute=ray.data.ActorPoolStrategy(size=num_workers),
-            num_cpus=1,
-        )
+    encoded = _read_dataset(files, limits).map_batches(
+        DocumentEncoder,
+        fn_constructor_kwargs={
+            "model_proto": (output / tok.MODEL_FILENAME).read_bytes(),
+            "max_seq_length": data.max_seq_length,
+            "short_seq_prob": data.short_seq_prob,
+            "seed": pre.seed,
+            "validation_fraction": pre.validation_fraction,
+            "lowercase": pre.lowercase,
+        },
+        batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=num_workers),
+        num_cpus=1,
     )
     writers = {split: ShardWriter(output, split, pre.shard_rows) for split in ("train", "validation")}
     skipped: Counter[str] = Counter()

@@ -1,8 +1,8 @@
 """The pipeline's per-batch transforms: ``pyarrow.Table -> pyarrow.Table``, testable without Ray.
 
-Rows flow one per document: ``read`` gives (document, text, skip); ``prepare_documents`` splits and
-normalizes sentences; ``DocumentEncoder`` (one per actor, so the SentencePiece model loads once) encodes
-them and builds the document's SOP instances. A document that cannot be used keeps its row with a
+Rows flow one per document: ``read_rows`` gives (document, text, skip); ``prepare_documents`` splits
+and normalizes sentences; ``DocumentEncoder`` (one per actor, so the SentencePiece model loads once)
+prepares, encodes and builds each document's SOP instances. A document that cannot be used keeps its row with a
 ``skip`` reason, so the driver counts it.
 """
 
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -79,20 +78,28 @@ class DocumentEncoder:
 
     def __init__(
         self,
-        model_path: str,
+        model_proto: bytes,
         *,
         max_seq_length: int,
         short_seq_prob: float,
         seed: int,
         validation_fraction: float,
+        lowercase: bool = True,
     ):
-        self.processor = tok.load(Path(model_path))
+        # The model travels as bytes, so an actor on any node of a cluster can load it.
+        self.processor = tok.from_proto(model_proto)
         self.max_seq_length = max_seq_length
         self.short_seq_prob = short_seq_prob
         self.seed = seed
         self.validation_fraction = validation_fraction
+        self.lowercase = lowercase
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        """Read rows (document, text, skip) -> encoded rows of ``ENCODED_SCHEMA``."""
+        return self.encode(prepare_documents(batch, lowercase=self.lowercase))
+
+    def encode(self, batch: pa.Table) -> pa.Table:
+        """Prepared rows (``prepare_documents``) -> encoded rows of ``ENCODED_SCHEMA``."""
         documents = batch["document"].to_pylist()
         skips = batch["skip"].to_pylist()
         sentence_lists = batch["sentences"].to_pylist()

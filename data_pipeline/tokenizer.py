@@ -86,6 +86,11 @@ def load(path: Path, *, vocab_size: int | None = None) -> spm.SentencePieceProce
     return processor
 
 
+def from_proto(model_proto: bytes) -> spm.SentencePieceProcessor:
+    """A processor from a serialized model (as read from a checked ``spiece.model``)."""
+    return spm.SentencePieceProcessor(model_proto=model_proto)
+
+
 def check_special_ids(processor: spm.SentencePieceProcessor, name: str) -> None:
     for expected_id, piece in SPECIAL_PIECES.items():
         found = processor.piece_to_id(piece)

@@ -16,7 +16,7 @@ from data_pipeline import tokenizer as tok
 from data_pipeline.instances import SHARD_SCHEMA, document_instances, instances_table
 from data_pipeline.readers import InputFile, ReadLimits, discover, read_documents
 from data_pipeline.shards import BATCH_ROWS, ShardWriter
-from data_pipeline.stages import DocumentEncoder, explode, prepare_documents
+from data_pipeline.stages import DocumentEncoder, explode
 from data_pipeline.text import normalize, split_sentences
 
 pytestmark = pytest.mark.unit
@@ -179,11 +179,10 @@ def test_encoder_ids_equal_sentencepiece_ids_of_the_normalized_text(spiece):
             "skip": ["", "", ""],
         }
     )
-    prepared = prepare_documents(documents, lowercase=True)
     encoder = DocumentEncoder(
-        str(spiece), max_seq_length=512, short_seq_prob=0.0, seed=3, validation_fraction=0.0
+        spiece.read_bytes(), max_seq_length=512, short_seq_prob=0.0, seed=3, validation_fraction=0.0
     )
-    encoded = encoder(prepared)
+    encoded = encoder(documents)
     processor = tok.load(spiece)
     assert len(processor.encode("a")) == 1
     assert encoded["skip"].to_pylist() == ["", "too short for a sentence pair", "empty document"]
