@@ -28,9 +28,13 @@ $(STAMP): pyproject.toml requirements-lock.txt
 	$(BIN)/python -c "import torch, deepspeed, transformers, ray, mlflow; print('installed: torch', torch.__version__, '| deepspeed', deepspeed.__version__)"
 	touch $(STAMP)
 
-# The main job, as far as it is built: fetch a real corpus and plan the quickstart run.
+# The main job, as far as it is built: fetch two real corpora, preprocess them with a local Ray into a
+# SentencePiece model and Arrow shards (data/quickstart), and print the quickstart training plan.
 run: install
 	$(BIN)/albert-scale corpus fetch news --output data/corpora
+	$(BIN)/albert-scale corpus fetch wiki --output data/corpora
+	$(BIN)/albert-scale preprocess --config quickstart --output data/quickstart \
+		--input data/corpora/news.jsonl data/corpora/wiki.jsonl
 	$(BIN)/albert-scale plan --config quickstart
 
 lint: install

@@ -180,6 +180,88 @@ class AlbertEmbeddings(nn.Module):
         return self.dropout(self.LayerNorm(x))
 
 
+def attention(qkv: Tensor, mask: Tensor | None, *, num_heads: int, dropout: float = 0.0) -> Tensor:
+    """Scaled dot-product self-attention: [B, S, 3H] packed q, k, v -> context [B, S, H].
+
+    mask: [B, 1, 1, S] bool, True = attend, or None for full attention.
+    """
+    batch, seq_len, _ = qkv.shape
+    if qkv.device.type == "cpu" and qkv.dtype == torch.bfloat16 and dropout == 0.0:
+        return _CPUBFloat16Attention.apply(qkv, mask, num_heads)
+    q, k, v = qkv.view(batch, seq_len, 3, num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)  # 3 x [B, N, S, D]
+    context = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+    return context.transpose(1, 2).reshape(batch, seq_len, -1)
+
+
+# Elements of the [S, S] score matrices (all heads of some sequences) computed at once by the CPU path;
+# bounds its transient memory to a few such buffers (8 MiB each in bf16).
+_SCORE_CHUNK = 1 << 22
+
+
+def _sequence_chunks(batch: int, num_heads: int, seq_len: int) -> list[slice]:
+    step = max(1, _SCORE_CHUNK // (num_heads * seq_len * seq_len))
+    return [slice(start, start + step) for start in range(0, batch, step)]
+
+
+class _CPUBFloat16Attention(torch.autograd.Function):
+    """Attention for bf16 on CPU with batched GEMMs, recomputing the probabilities in backward.
+
+    torch's CPU flash-attention kernel runs bf16 at a fraction of the GEMM rate on CPUs without AMX
+    (fwd + bwd ~3x slower than this at S=512 on AVX-512 BF16), while bf16 bmm runs near peak. Like flash
+    attention it keeps only q, k, v for backward and recomputes the [S, S] probabilities there, one chunk
+    of sequences at a time, so it holds no more memory than SDPA. Difference: scores are rounded to bf16
+    before the (fp32-internal) softmax, as in unfused attention; flash keeps them in fp32.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, qkv: Tensor, mask: Tensor | None, num_heads: int) -> Tensor:
+        batch, seq_len, three_hidden = qkv.shape
+        head_dim = three_hidden // (3 * num_heads)
+        with torch.autocast("cpu", enabled=False):
+            # [B, S, 3, N, D] -> [3, B, N, S, D], each head's matrix contiguous for bmm; q pre-scaled.
+            heads = qkv.new_empty(3, batch, num_heads, seq_len, head_dim)
+            heads.copy_(qkv.view(batch, seq_len, 3, num_heads, head_dim).permute(2, 0, 3, 1, 4))
+            heads[0].mul_(head_dim**-0.5)
+            context = qkv.new_empty(batch, seq_len, num_heads, head_dim)
+            for rows in _sequence_chunks(batch, num_heads, seq_len):
+                probs = _probabilities(heads, mask, rows)
+                out = torch.bmm(probs, heads[2, rows].flatten(0, 1))  # [c*N, S, D]
+                context[rows] = out.view(-1, num_heads, seq_len, head_dim).transpose(1, 2)
+        ctx.save_for_backward(heads, mask)
+        return context.view(batch, seq_len, num_heads * head_dim)
+
+    @staticmethod
+    def backward(ctx: Any, grad_context: Tensor) -> tuple[Tensor, None, None]:
+        heads, mask = ctx.saved_tensors
+        _, batch, num_heads, seq_len, head_dim = heads.shape
+        grad_heads = torch.empty_like(heads)
+        grad = grad_context.view(batch, seq_len, num_heads, head_dim).transpose(1, 2)  # [B, N, S, D]
+        with torch.autocast("cpu", enabled=False):
+            for rows in _sequence_chunks(batch, num_heads, seq_len):
+                q, k, v = (heads[i, rows].flatten(0, 1) for i in range(3))
+                g = grad[rows].reshape(-1, seq_len, head_dim)
+                probs = _probabilities(heads, mask, rows)
+                torch.bmm(probs.transpose(1, 2), g, out=grad_heads[2, rows].flatten(0, 1))
+                grad_scores = torch._softmax_backward_data(
+                    torch.bmm(g, v.transpose(1, 2)), probs, -1, probs.dtype
+                )
+                torch.bmm(grad_scores, k, out=grad_heads[0, rows].flatten(0, 1))
+                torch.bmm(grad_scores.transpose(1, 2), q, out=grad_heads[1, rows].flatten(0, 1))
+            grad_heads[0].mul_(head_dim**-0.5)
+            grad_qkv = grad_heads.permute(1, 3, 0, 2, 4).reshape(batch, seq_len, 3 * num_heads * head_dim)
+        return grad_qkv, None, None
+
+
+def _probabilities(heads: Tensor, mask: Tensor | None, rows: slice) -> Tensor:
+    """Softmax of the scaled scores of the sequences in ``rows``: [c*N, S, S]."""
+    _, _, num_heads, seq_len, _ = heads.shape
+    scores = torch.bmm(heads[0, rows].flatten(0, 1), heads[1, rows].flatten(0, 1).transpose(1, 2))
+    if mask is not None:
+        masked = scores.view(-1, num_heads, seq_len, seq_len)
+        masked.masked_fill_(~mask[rows], torch.finfo(scores.dtype).min)
+    return torch.softmax(scores, dim=-1)
+
+
 class AlbertAttention(nn.Module):
     """Multi-head self-attention with a residual LayerNorm (post-norm, as BERT and ALBERT)."""
 
@@ -196,15 +278,12 @@ class AlbertAttention(nn.Module):
         self.output_dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def forward(self, x: Tensor, mask: Tensor | None) -> Tensor:
-        batch, seq_len, hidden = x.shape
         # One GEMM for q, k and v; the three tensors stay separate parameters under their HF names.
         weight = torch.cat((self.query.weight, self.key.weight, self.value.weight))  # [3H, H]
         bias = torch.cat((self.query.bias, self.key.bias, self.value.bias))
-        qkv = F.linear(x, weight, bias).view(batch, seq_len, 3, self.num_heads, hidden // self.num_heads)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x [B, N, S, D]
+        qkv = F.linear(x, weight, bias)  # [B, S, 3H]
         dropout = self.attention_dropout if self.training else 0.0
-        context = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
-        context = context.transpose(1, 2).reshape(batch, seq_len, hidden)  # [B, S, H]
+        context = attention(qkv, mask, num_heads=self.num_heads, dropout=dropout)  # [B, S, H]
         return self.LayerNorm(x + self.output_dropout(self.dense(context)))
 
 

