@@ -152,6 +152,8 @@ def test_bad_records_are_counted_in_the_manifest(ray_local, tmp_path):
     (inputs / "empty.txt").write_text("")
     (inputs / "bad-utf8.txt").write_bytes(b"caf\xe9 au lait\n")
     (inputs / "image.png").write_bytes(b"\x89PNG")
+    with (inputs / "one-line.txt").open("wb") as f:  # a single 50 MB line, read in bounded pieces
+        f.write(b"word " * 10_000_000 + b"\n")
     output = tmp_path / "out"
     command = [
         "--input",
@@ -170,10 +172,11 @@ def test_bad_records_are_counted_in_the_manifest(ray_local, tmp_path):
         "empty file": 1,
         "invalid JSON (line 2)": 1,
         "invalid UTF-8": 1,
+        "line longer than max_line_bytes=1048576": 1,
         "no string field 'text'": 1,
     }
     assert counts["inputs_skipped"] == [{"uri": str(inputs / "image.png"), "reason": "unsupported file type"}]
-    assert counts["documents_read"] == 7 and counts["documents_skipped"] == 4
+    assert counts["documents_read"] == 8 and counts["documents_skipped"] == 5
 
 
 @pytest.mark.parametrize(
