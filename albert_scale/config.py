@@ -41,6 +41,15 @@ class DataConfig:
     """Fraction of tokens to mask (before the cap)."""
     short_seq_prob: float = 0.1
     """Probability of a shorter random target length, so the model also sees short inputs."""
+    masking: Literal["dynamic", "static"] = "dynamic"
+    """dynamic: a fresh mask every epoch; static: the same mask every epoch, as the paper's
+    preprocessed masks (without storing copies)."""
+    phase1_seq_length: int = 0
+    """Sequence length of a first, cheaper phase cut from the same shards (e.g. 128); 0 = no phase 1."""
+    phase1_steps: int = 0
+    """Optimizer steps of phase 1; the rest of the run uses max_seq_length."""
+    phase1_max_predictions: int = 20
+    """Cap on masked positions per instance during phase 1."""
 
     def __post_init__(self) -> None:
         _require(self.max_seq_length >= 8, "max_seq_length", self.max_seq_length, "must be >= 8")
@@ -52,6 +61,20 @@ class DataConfig:
         )
         _require(0 < self.masked_lm_prob < 1, "masked_lm_prob", self.masked_lm_prob, "must be in (0, 1)")
         _require(0 <= self.short_seq_prob <= 1, "short_seq_prob", self.short_seq_prob, "must be in [0, 1]")
+        if self.phase1_seq_length:
+            _require(
+                8 <= self.phase1_seq_length < self.max_seq_length,
+                "phase1_seq_length",
+                self.phase1_seq_length,
+                f"must be in [8, max_seq_length={self.max_seq_length}) or 0",
+            )
+            _require(
+                1 <= self.phase1_max_predictions <= self.phase1_seq_length,
+                "phase1_max_predictions",
+                self.phase1_max_predictions,
+                f"must be in [1, phase1_seq_length={self.phase1_seq_length}]",
+            )
+        _require(self.phase1_steps >= 0, "phase1_steps", self.phase1_steps, "must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -435,6 +458,12 @@ def check(config: Config, *, world_size: int | None = None) -> BatchPlan:
             f"data.max_seq_length={data.max_seq_length}: longer than "
             f"model.max_position_embeddings={model.max_position_embeddings}"
         )
+    if data.phase1_steps > config.schedule.total_steps:
+        raise ConfigError(
+            f"data.phase1_steps={data.phase1_steps}: more than schedule.total_steps={config.schedule.total_steps}"
+        )
+    if data.phase1_steps and not data.phase1_seq_length:
+        raise ConfigError(f"data.phase1_steps={data.phase1_steps}: set data.phase1_seq_length too")
     per_step = train.micro_batch_size * world_size
     if train.global_batch_size % per_step:
         raise ConfigError(

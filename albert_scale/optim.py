@@ -1,0 +1,393 @@
+"""LAMB exactly as ALBERT wrote it, with exact per-parameter trust ratios under DeepSpeed ZeRO.
+
+ALBERT's LAMB (google-research/ALBERT ``lamb_optimizer.py``), per parameter w with gradient g:
+
+    m = b1 m + (1 - b1) g          v = b2 v + (1 - b2) g^2          (no bias correction)
+    u = m / (sqrt(v) + eps) + wd w
+    r = ||w|| / ||u|| if both norms are > 0, else 1                 (no clamp)
+    w = w - lr r u
+
+Parameters whose names contain ``LayerNorm``, ``layer_norm`` or ``bias`` get neither weight decay nor the
+trust ratio (r = 1); :func:`param_groups` builds the two groups.
+
+The trust ratio is a property of a whole model parameter. Under DeepSpeed ZeRO the optimizer never sees
+the parameters: DeepSpeed hands it one flat fp32 tensor per param group and rank (ZeRO-1/2, its BF16
+optimizer) or per sub-group and rank (ZeRO-3), each a concatenation of pieces of many parameters. A
+per-tensor trust ratio computed on those is silently wrong (DeepSpeed issues 88, 490, 1217, 1285).
+:class:`Lamb` therefore keeps a layout: for each tensor it updates, the fragments (start, numel, parameter
+index) of model parameters it holds. Each step it sums the squared norms of w and u per parameter over
+this rank's fragments, all-reduces them over the partition group as one flat [2, parameters] tensor, and
+scales every fragment by its parameter's exact ratio. That is one all-reduce per optimizer call that holds
+trust-ratio parameters: once per training step at ZeRO-1/2 and with the BF16 optimizer (DeepSpeed calls
+``step()`` once per param group, and the excluded group needs no norms), once per trust-ratio sub-group at
+ZeRO-3 (one with the default ``sub_group_size``), none without ZeRO.
+
+Use with DeepSpeed::
+
+    lamb = Lamb(param_groups(model, weight_decay), lr=lr)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=lamb, config={
+        ..., "zero_allow_untested_optimizer": True, "zero_force_ds_cpu_optimizer": False})
+    lamb.attach_zero_partitions(engine.optimizer)
+
+Without ZeRO (a plain or DDP model) every tensor is a whole parameter and no call is needed. This module
+does not import DeepSpeed; :func:`zero_partition_layout` reads DeepSpeed's internals duck-typed (the list
+is in its docstring) and the multi-process tests pin them for the installed version.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+NO_DECAY_PATTERNS = ("LayerNorm", "layer_norm", "bias")
+"""Substrings of parameter names that get neither weight decay nor the trust ratio (ALBERT's exclusions;
+``layer_norm`` catches Hugging Face's ``full_layer_layer_norm``)."""
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """ALBERT's two parameter groups for :class:`Lamb`, by parameter name.
+
+    Names containing one of :data:`NO_DECAY_PATTERNS` get ``weight_decay`` 0 and ``trust_ratio`` False;
+    all others get ``weight_decay`` and the trust ratio. Tied tensors appear once, under their first name
+    (``model.named_parameters()``). Each group carries ``names``, aligned with ``params``. Empty groups are
+    left out (DeepSpeed drops them anyway).
+    """
+    if weight_decay < 0:
+        raise ValueError(f"weight_decay={weight_decay}: must be >= 0")
+    adapted: dict[str, Any] = {"params": [], "names": [], "weight_decay": weight_decay, "trust_ratio": True}
+    excluded: dict[str, Any] = {"params": [], "names": [], "weight_decay": 0.0, "trust_ratio": False}
+    for name, param in model.named_parameters():
+        group = excluded if any(pattern in name for pattern in NO_DECAY_PATTERNS) else adapted
+        group["params"].append(param)
+        group["names"].append(name)
+    return [group for group in (adapted, excluded) if group["params"]]
+
+
+class Fragment(NamedTuple):
+    """A contiguous piece of one model parameter inside a flat tensor the optimizer updates."""
+
+    start: int
+    """Offset of the piece in the flat tensor."""
+    numel: int
+    """Elements in the piece."""
+    index: int
+    """The parameter's position in the optimizer's parameter list (groups in order, then params)."""
+    offset: int = 0
+    """Offset of the piece in the flattened parameter."""
+
+
+@dataclass
+class PartitionLayout:
+    """Where the optimizer's parameters live in the tensors DeepSpeed hands it, on this rank."""
+
+    fragments: dict[Tensor, list[Fragment]]
+    """Per flat tensor (keyed by identity), the parameter pieces it holds on this rank."""
+    process_group: Any
+    """The group the parameters are partitioned over (None = the default group)."""
+    partitioned: bool
+    """True when each rank holds only part of the parameters (ZeRO); then norms must be all-reduced."""
+
+
+def zero_partition_layout(zero_optimizer: Any, params: Sequence[Tensor]) -> PartitionLayout:
+    """The layout of ``params`` in the flat fp32 tensors of a DeepSpeed optimizer wrapper, on this rank.
+
+    ``zero_optimizer`` is ``engine.optimizer`` after ``deepspeed.initialize``; ``params`` are the model
+    parameters the wrapped optimizer was built with, in order. Reads these DeepSpeed 0.19 internals:
+
+    - ZeRO-1/2 (``DeepSpeedZeroOptimizer``): ``single_partition_of_fp32_groups`` (flat fp32 partition per
+      param group) and ``real_dp_process_group`` (partition group per param group); on each parameter
+      ``_hp_mapping`` (None where it has no element on this rank) with ``param_group_index``,
+      ``get_hp_fragment_address()`` -> ``.start``, ``.numel`` and ``lp_fragment_address.start`` (the
+      offset inside the parameter), set by ``link_hp_params``.
+    - BF16 optimizer (``BF16_Optimizer``): the same, with ``fp32_groups_flat_partition`` as the flat list.
+    - ZeRO-3 (``DeepSpeedZeroOptimizer_Stage3``): ``fp32_partitioned_groups_flat`` (flat fp32 tensor per
+      sub-group) and ``fp16_groups`` (the parameters of each sub-group, in flat order); on each parameter
+      ``ds_tensor.ds_numel`` (its padded partition size), ``ds_numel`` (its full size) and
+      ``ds_process_group``. A flat sub-group is the concatenation of its parameters' partitions; rank k
+      holds elements [k p, (k + 1) p) of each, the tail of the last rank being padding.
+
+    DeepSpeed without ZeRO in bf16/fp16 wraps a custom optimizer in ``FP16_UnfusedOptimizer`` (fp32 copies
+    in ``fp32_groups``), which calls ``step()`` on zero gradients while it is built; with ALBERT's LAMB that
+    step would decay the weights, so that wrapper is refused (its start-up step raises in ``Lamb.step``).
+    """
+    position = {id(param): i for i, param in enumerate(params)}
+
+    def index_of(param: Tensor) -> int:
+        if id(param) not in position:
+            raise RuntimeError(
+                "DeepSpeed partitions a parameter the optimizer was not built with; build the optimizer from "
+                "the same model that is passed to deepspeed.initialize"
+            )
+        return position[id(param)]
+
+    if hasattr(zero_optimizer, "fp32_partitioned_groups_flat"):
+        return _stage3_layout(zero_optimizer, index_of)
+    for attribute in ("single_partition_of_fp32_groups", "fp32_groups_flat_partition"):
+        if hasattr(zero_optimizer, attribute):
+            return _linked_layout(zero_optimizer, getattr(zero_optimizer, attribute), params)
+    if hasattr(zero_optimizer, "fp32_groups"):
+        raise NotImplementedError(
+            f"{type(zero_optimizer).__name__}: DeepSpeed without ZeRO in bf16/fp16 is not supported (it steps the "
+            "optimizer on zero gradients at start-up, which decays the weights); use ZeRO stage 1 or more"
+        )
+    raise TypeError(
+        f"{type(zero_optimizer).__name__}: not a DeepSpeed optimizer wrapper whose layout is known "
+        "(ZeRO-1/2/3, BF16_Optimizer)"
+    )
+
+
+def _linked_layout(zero_optimizer: Any, flats: Sequence[Tensor], params: Sequence[Tensor]) -> PartitionLayout:
+    """ZeRO-1/2 and the BF16 optimizer: each parameter points at its fragment via ``_hp_mapping``."""
+    if not any(hasattr(param, "_hp_mapping") for param in params):
+        raise RuntimeError(
+            f"{type(zero_optimizer).__name__}: no parameter carries `_hp_mapping`; DeepSpeed's internals "
+            "differ from the pinned version"
+        )
+    fragments: dict[Tensor, list[Fragment]] = {flat: [] for flat in flats}
+    for i, param in enumerate(params):
+        mapping = getattr(param, "_hp_mapping", None)
+        if mapping is None:
+            continue  # no element of this parameter on this rank (or not trained)
+        address = mapping.get_hp_fragment_address()
+        piece = Fragment(address.start, address.numel, i, mapping.lp_fragment_address.start)
+        fragments[flats[mapping.param_group_index]].append(piece)
+    for flat, pieces in fragments.items():
+        if any(piece.start < 0 or piece.start + piece.numel > flat.numel() for piece in pieces):
+            raise RuntimeError(f"{type(zero_optimizer).__name__}: a fragment lies outside its flat partition")
+    group = _only_group(zero_optimizer.real_dp_process_group)
+    return PartitionLayout(fragments, group, partitioned=True)
+
+
+def _stage3_layout(zero_optimizer: Any, index_of: Callable[[Tensor], int]) -> PartitionLayout:
+    """ZeRO-3: each flat sub-group concatenates its parameters' partitions (``ds_tensor``)."""
+    fragments: dict[Tensor, list[Fragment]] = {}
+    groups = []
+    for flat, members in zip(
+        zero_optimizer.fp32_partitioned_groups_flat, zero_optimizer.fp16_groups, strict=True
+    ):
+        offset, pieces = 0, []
+        for param in members:
+            size = param.ds_tensor.ds_numel  # the padded partition size, the same on every rank
+            groups.append(param.ds_process_group)
+            start = dist.get_rank(group=param.ds_process_group) * size
+            real = min(size, max(0, param.ds_numel - start))  # the rest is padding (uninitialized)
+            if real:
+                pieces.append(Fragment(offset, real, index_of(param), start))
+            offset += size
+        _check_size(flat, offset, type(zero_optimizer).__name__)
+        fragments[flat] = pieces
+    return PartitionLayout(fragments, _only_group(groups), partitioned=True)
+
+
+def _check_size(flat: Tensor, expected: int, owner: str) -> None:
+    if flat.numel() != expected:
+        raise RuntimeError(
+            f"{owner}: a flat tensor holds {flat.numel()} elements, its parameters {expected}; DeepSpeed's "
+            "layout differs from the pinned version"
+        )
+
+
+def _only_group(groups: Iterable[Any]) -> Any:
+    distinct = {id(group): group for group in groups}
+    if len(distinct) > 1:
+        raise NotImplementedError(
+            "parameters are partitioned over different process groups (MoE experts, MiCS, hpZ): "
+            "exact LAMB trust ratios are implemented for one data-parallel group"
+        )
+    return next(iter(distinct.values()), None)
+
+
+class Lamb(torch.optim.Optimizer):
+    """ALBERT's LAMB (see the module docstring), with fp32 state and multi-tensor arithmetic.
+
+    Param group keys: ``lr``, ``betas``, ``eps``, ``weight_decay``, ``trust_ratio`` (False = r 1), and
+    optionally ``names`` (aligned with ``params``, used in messages). Updates fp32 tensors only: under
+    DeepSpeed these are its fp32 master weights, whatever the model's dtype.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        *,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-6,
+        weight_decay: float = 0.0,
+        trust_ratio: bool = True,
+    ):
+        # Every parameter the optimizer was built with, in order; a parameter's position is its index in
+        # the per-step norm buffer and in the layout's fragments.
+        self._params: list[Tensor] = []
+        self._names: list[str] = []
+        self._layout = PartitionLayout({}, None, partitioned=False)
+        defaults = {
+            "lr": lr,
+            "betas": betas,
+            "eps": eps,
+            "weight_decay": weight_decay,
+            "trust_ratio": trust_ratio,
+        }
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        _check_hyperparameters(group)
+        names = group.get("names")
+        if names is not None and len(names) != len(group["params"]):
+            raise ValueError(f"names: {len(names)} names for {len(group['params'])} params")
+        for j, param in enumerate(group["params"]):
+            self._layout.fragments[param] = [Fragment(0, param.numel(), len(self._params))]
+            self._params.append(param)
+            self._names.append(
+                names[j] if names is not None else f"param_groups[{len(self.param_groups) - 1}][{j}]"
+            )
+
+    def attach_zero_partitions(self, zero_optimizer: Any) -> None:
+        """Learn how DeepSpeed laid out the parameters; call once after ``deepspeed.initialize`` with
+        ``engine.optimizer``. A no-op when DeepSpeed hands this optimizer the parameters themselves (no
+        ZeRO, fp32). Collective: every rank must call it. Checks that the fragments of all ranks cover each
+        parameter exactly once."""
+        if zero_optimizer is self:
+            return
+        layout = zero_partition_layout(zero_optimizer, self._params)
+        if layout.partitioned:
+            _check_coverage(layout, self._params, self._names)
+        self._layout = layout
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+
+        work = []  # (group, tensors with a gradient, their fragments), all looked up before any update
+        for group in self.param_groups:
+            tensors = [p for p in group["params"] if p.grad is not None]
+            if tensors:
+                work.append((group, tensors, [self._fragments(p) for p in tensors]))
+        # [2, P]: squared norms of w and u per parameter, first over this rank's fragments, then global.
+        # Its existence depends only on the param groups, which are the same on every rank.
+        trusted = [group for group in self.param_groups if group["params"] and group["trust_ratio"]]
+        squares = (
+            torch.zeros(2, len(self._params), device=trusted[0]["params"][0].device) if trusted else None
+        )
+
+        pending = []
+        for group, tensors, fragments in work:
+            updates = self._direction(group, tensors)
+            views: list[Tensor] = []  # the fragments of the updates, to be scaled by their trust ratio
+            index = None
+            if group["trust_ratio"]:
+                views = [v for u, pieces in zip(updates, fragments, strict=True) for v in _views(u, pieces)]
+                weights = [v for w, pieces in zip(tensors, fragments, strict=True) for v in _views(w, pieces)]
+                index = torch.tensor([f.index for pieces in fragments for f in pieces], device=squares.device)
+                if views:
+                    squares[0].index_add_(0, index, torch.stack(torch._foreach_norm(weights)).square())
+                    squares[1].index_add_(0, index, torch.stack(torch._foreach_norm(views)).square())
+            pending.append((group, tensors, updates, views, index))
+
+        if squares is not None:
+            if self._layout.partitioned:
+                # The one collective of a step; every rank takes part, even one holding no fragment.
+                dist.all_reduce(squares, group=self._layout.process_group)
+            norms = squares.sqrt()
+            ratios = torch.where((norms[0] > 0) & (norms[1] > 0), norms[0] / norms[1], 1.0)
+        for group, tensors, updates, views, index in pending:
+            if views:
+                torch._foreach_mul_(views, ratios[index].unbind(0))
+            torch._foreach_add_(tensors, updates, alpha=-group["lr"])
+        return loss
+
+    def _direction(self, group: dict[str, Any], tensors: list[Tensor]) -> list[Tensor]:
+        """Updates the moments of ``tensors`` and returns u = m / (sqrt(v) + eps) + wd w for each."""
+        beta1, beta2 = group["betas"]
+        grads, exp_avgs, exp_avg_sqs = [], [], []
+        for p in tensors:
+            if p.dtype != torch.float32:
+                raise TypeError(f"{self._describe(p)}: Lamb updates fp32 tensors, got {p.dtype}")
+            if p.grad.is_sparse:
+                raise TypeError(f"{self._describe(p)}: Lamb does not support sparse gradients")
+            state = self.state[p]
+            if not state:
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            grads.append(p.grad if p.grad.dtype == torch.float32 else p.grad.float())
+            exp_avgs.append(state["exp_avg"])
+            exp_avg_sqs.append(state["exp_avg_sq"])
+
+        torch._foreach_mul_(exp_avgs, beta1)
+        torch._foreach_add_(exp_avgs, grads, alpha=1.0 - beta1)
+        torch._foreach_mul_(exp_avg_sqs, beta2)
+        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta2)
+        denominators = torch._foreach_sqrt(exp_avg_sqs)
+        torch._foreach_add_(denominators, group["eps"])
+        updates = torch._foreach_div(exp_avgs, denominators)
+        del denominators
+        if group["weight_decay"]:
+            torch._foreach_add_(updates, tensors, alpha=group["weight_decay"])
+        return updates
+
+    def _fragments(self, tensor: Tensor) -> list[Fragment]:
+        fragments = self._layout.fragments.get(tensor)
+        if fragments is None:
+            raise RuntimeError(
+                f"Lamb was handed a tensor of {tensor.numel()} elements that is not one of its parameters. "
+                "Under DeepSpeed, call lamb.attach_zero_partitions(engine.optimizer) after "
+                "deepspeed.initialize. DeepSpeed without ZeRO in bf16/fp16 (its FP16_UnfusedOptimizer, which "
+                "also takes a step at start-up) is not supported: use ZeRO stage 1 or more, or fp32."
+            )
+        return fragments
+
+    def _describe(self, tensor: Tensor) -> str:
+        for i, param in enumerate(self._params):
+            if param is tensor:
+                return self._names[i]
+        return f"flat tensor of {tensor.numel()} elements"
+
+
+def _views(tensor: Tensor, fragments: list[Fragment]) -> list[Tensor]:
+    """The pieces of ``tensor`` named by ``fragments`` (the tensor itself when it is one whole parameter)."""
+    if len(fragments) == 1 and fragments[0].start == 0 and fragments[0].numel == tensor.numel():
+        return [tensor]
+    flat = tensor.view(-1)
+    return [flat.narrow(0, f.start, f.numel) for f in fragments]
+
+
+def _check_hyperparameters(group: dict[str, Any]) -> None:
+    beta1, beta2 = group["betas"]
+    checks = (
+        ("lr", group["lr"], group["lr"] >= 0, "must be >= 0"),
+        ("betas", group["betas"], 0 <= beta1 < 1 and 0 <= beta2 < 1, "each must be in [0, 1)"),
+        ("eps", group["eps"], group["eps"] > 0, "must be > 0"),
+        ("weight_decay", group["weight_decay"], group["weight_decay"] >= 0, "must be >= 0"),
+    )
+    for key, value, ok, rule in checks:
+        if not ok:
+            raise ValueError(f"{key}={value}: {rule}")
+
+
+def _check_coverage(layout: PartitionLayout, params: Sequence[Tensor], names: Sequence[str]) -> None:
+    """All ranks' fragments must cover each trained parameter exactly once (a one-time collective)."""
+    if not params:
+        return
+    covered = [0] * len(params)
+    for pieces in layout.fragments.values():
+        for piece in pieces:
+            covered[piece.index] += piece.numel
+    device = next((flat.device for flat in layout.fragments), params[0].device)
+    counts = torch.tensor(covered, dtype=torch.long, device=device)
+    dist.all_reduce(counts, group=layout.process_group)
+    for i, count in enumerate(counts.tolist()):
+        full = getattr(params[i], "ds_numel", None) or params[i].numel()
+        if count not in (0, full):  # 0: a frozen parameter DeepSpeed does not optimize
+            raise RuntimeError(
+                f"{names[i]}: the ranks' fragments cover {count} of {full} elements; DeepSpeed's layout "
+                "differs from the pinned version"
+            )
