@@ -422,6 +422,41 @@ def time_rows(
     return medians, outputs
 
 
+def full_loader_row(directory: Path, *, batches: int, repeats: int) -> dict[str, float]:
+    """The whole loader on real shards: ``PretrainingLoader.micro_batches`` for ``batches`` steps of one
+    micro-batch of 64 (memory-mapped reads, the epoch's shuffle, padding, masking, SOP labels, torch
+    tensors). Median over repetitions, each from a fresh cursor."""
+    from albert_scale.data import Phase, PretrainingLoader, ShardedDataset
+
+    dataset = ShardedDataset(directory)
+    seq_len = dataset.max_seq_length
+    phase = Phase(seq_len, max(1, round(0.15 * seq_len)), None)
+    walls, cpus, real = [], [], 0
+    for _ in range(repeats):
+        loader = PretrainingLoader(
+            dataset,
+            global_batch_size=BATCH_SIZE,
+            micro_batch_size=BATCH_SIZE,
+            seed=SEED,
+            phases=[phase],
+            masked_lm_prob=0.15,
+        )
+        wall, cpu = time.perf_counter(), time.process_time()
+        out = [loader.micro_batches()[0] for _ in range(batches)]
+        walls.append(time.perf_counter() - wall)
+        cpus.append(time.process_time() - cpu)
+        real = sum(int(b["attention_mask"].sum()) for b in out) / batches
+    wall, cpu = statistics.median(walls) / batches, statistics.median(cpus) / batches
+    return {
+        "seq_len": seq_len,
+        "ms_per_batch_wall": wall * 1e3,
+        "ms_per_batch_cpu": cpu * 1e3,
+        "tokens_per_s_per_core": real / cpu,
+        "positions_per_s_per_core": BATCH_SIZE * seq_len / cpu,
+        "real_tokens_per_batch": real,
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batches", type=int, default=20, help="timed batches of 64 at seq 512")
@@ -436,6 +471,12 @@ def main(argv: list[str] | None = None) -> int:
         "--stat-epochs", type=int, default=1, help="epochs (fresh masks) of those batches for our statistics"
     )
     parser.add_argument("--tokenizer", type=Path, help="a SentencePiece model to use instead of training one")
+    parser.add_argument(
+        "--dataset",
+        type=Path,
+        help="a directory from `albert-scale preprocess`: adds the full-loader row (memory-mapped shards, "
+        "shuffle, padding, masking, SOP labels, torch tensors) at the dataset's sequence length",
+    )
     parser.add_argument("--output", type=Path, default=REPO / "bench" / "results" / "loader.json")
     args = parser.parse_args(argv)
 
@@ -538,6 +579,14 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"target >= 5 M tokens/s per core: {verdict} ({rows[OURS]['tokens_per_s_per_core'] / 1e6:.2f} M non-pad tokens/s/core)"
     )
+    if args.dataset is not None:
+        full = full_loader_row(args.dataset, batches=args.batches, repeats=args.repeats)
+        report["full_loader"] = full
+        print(
+            f"{'full-loader':<16}{full['ms_per_batch_wall']:>15.2f}{full['ms_per_batch_cpu']:>14.2f}"
+            f"{full['tokens_per_s_per_core'] / 1e6:>17.2f}{full['positions_per_s_per_core'] / 1e6:>20.2f}"
+            f"   (seq {full['seq_len']}, {args.dataset})"
+        )
     print()
     print(f"n-gram frequencies expected {[float(p) for p in report['expected_ngram_frequencies']]}")
     for name, s in stats.items():
