@@ -18,6 +18,7 @@ from albert_scale.cli import add_config_arguments, stage_main
 from albert_scale.config import BatchPlan, Config, check, load_config
 from albert_scale.flops import train_flops_per_sequence
 from albert_scale.model import count_parameters
+from albert_scale.schedule import rescaling_warning
 
 
 def build_parser(prog: str) -> argparse.ArgumentParser:
@@ -41,13 +42,8 @@ def summarize(config: Config, plan: BatchPlan) -> dict[str, object]:
     """The plan as plain values: batch arithmetic, model size, FLOPs and schedule notes."""
     model, train, schedule = config.model, config.train, config.schedule
     per_sequence = train_flops_per_sequence(model, plan.seq_len, config.data.max_predictions_per_seq)
-    notes = []
-    if train.global_batch_size != schedule.reference_batch_size:
-        notes.append(
-            f"train.global_batch_size={train.global_batch_size} differs from "
-            f"schedule.reference_batch_size={schedule.reference_batch_size}: rescale optim.lr and "
-            "schedule.warmup_steps for the new batch, or large-batch training may diverge"
-        )
+    warning = rescaling_warning(train, schedule, config.optim)
+    notes = [warning] if warning else []
     return {
         "data_parallel_size": plan.world_size,
         "micro_batch_size": plan.micro_batch_size,

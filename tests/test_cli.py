@@ -93,4 +93,4 @@ def test_plan_json_and_rescaling_note(cli_path):
     plan = data["plan"]
     assert plan["gradient_accumulation_steps"] == 2 and plan["data_parallel_size"] == 8
     assert data["config"]["train"]["global_batch_size"] == 1024
-    assert any("rescale optim.lr" in note for note in plan["notes"])
+    assert any("optim.lr=0.00088 schedule.warmup_steps=12500" in note for note in plan["notes"])

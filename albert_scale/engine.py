@@ -1,0 +1,219 @@
+"""DeepSpeed: the generated config, the process group and the engine. The one module that imports deepspeed.
+
+Usage (one process, or one per rank under ``deepspeed``/``torchrun``/Ray Train)::
+
+    process = init_distributed()                 # world of one without a launcher
+    torch.manual_seed(config.train.seed)         # the same start on every rank
+    model = AlbertForPreTraining(config.model, activation_checkpointing=...)
+    engine = initialize(model, config)           # LAMB (or AdamW), the lr schedule, ZeRO
+    for micro_batch in ...:                      # engine.gradient_accumulation_steps() per update
+        loss = engine(**micro_batch).loss
+        engine.backward(loss)                    # divides by the accumulation steps; reduces at the boundary
+        engine.step()                            # clips, updates and advances the lr at the boundary only
+
+The DeepSpeed config is generated from the typed :class:`~albert_scale.config.Config` by
+:func:`deepspeed_config`, never kept by hand. ``deepspeed`` itself is imported only by the functions that
+need it: importing it takes seconds and, on a machine without a GPU, prints a warning on stdout, which
+would spoil ``plan``-style output of the config.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import socket
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from albert_scale.config import Config, ConfigError, OptimConfig, check
+from albert_scale.optim import Lamb, param_groups
+from albert_scale.schedule import WarmupDecay
+
+if TYPE_CHECKING:
+    from deepspeed import DeepSpeedEngine
+
+# fp16 dynamic loss scaling: DeepSpeed's defaults, written out so that the generated config shows them.
+FP16_INITIAL_SCALE_POWER = 16
+"""The first loss scale is 2**16."""
+FP16_LOSS_SCALE_WINDOW = 1000
+"""Updates without overflow before the scale doubles."""
+FP16_HYSTERESIS = 2
+"""Overflows tolerated before the scale halves."""
+FP16_MIN_LOSS_SCALE = 1
+"""The scale never drops below this."""
+
+STEPS_PER_PRINT = 2**31 - 1
+"""DeepSpeed's own progress lines: never (the training loop logs)."""
+
+
+def deepspeed_config(config: Config, *, world_size: int) -> dict[str, Any]:
+    """The DeepSpeed config of a run at data-parallel size ``world_size``, generated from ``config``.
+
+    Batch sizes come from :func:`albert_scale.config.check`; ``gradient_clipping`` is
+    ``optim.max_grad_norm`` (0 = off; DeepSpeed's own default would be 1.0). The optimizer is not in
+    the config: :func:`initialize` passes ours.
+
+    bf16 at ZeRO-2/3 adds ``data_types.grad_accum_dtype: fp32``: DeepSpeed then sums the micro batches'
+    gradients in fp32 (without it, in bf16, which moves some gradients by percents after a few micro
+    batches). At ZeRO-1 the same key would select DeepSpeed's BF16_Optimizer instead, which clears the
+    bf16 gradients between micro batches only from backward hooks that DeepSpeed 0.19 attaches to the
+    forward output when it is a tensor, tuple, list or dict; our model returns a dataclass, so it would
+    add up running sums. ZeRO-1 therefore accumulates in bf16: prefer ZeRO-2 with bf16.
+
+    Raises :class:`~albert_scale.config.ConfigError` (a ValueError) naming the keys when the batch does
+    not divide, or when ``train.precision`` bf16/fp16 meets ``zero.stage`` 0 (see the code), or
+    ``zero.offload_optimizer`` meets stage 0. Every other combination of the typed values is valid.
+    """
+    if world_size < 1:
+        raise ConfigError(f"world_size={world_size}: must be >= 1")
+    plan = check(config, world_size=world_size)
+    train, zero = config.train, config.zero
+    if train.precision != "fp32" and zero.stage == 0:
+        # Without ZeRO, DeepSpeed wraps a custom optimizer in FP16_UnfusedOptimizer, which steps it once on
+        # zero gradients while it is built: LAMB (and AdamW) would decay every weight before training.
+        raise ConfigError(
+            f"train.precision={train.precision!r} with zero.stage=0: DeepSpeed without ZeRO steps the "
+            f"optimizer ({config.optim.name}) once on zero gradients at start-up, which decays the weights; "
+            "use zero.stage=1 or more (it costs nothing at one rank) or train.precision='fp32'"
+        )
+    if zero.offload_optimizer != "none" and zero.stage == 0:
+        raise ConfigError(
+            f"zero.offload_optimizer={zero.offload_optimizer!r} with zero.stage=0: offloading the optimizer "
+            "needs zero.stage=1 or more"
+        )
+
+    ds: dict[str, Any] = {
+        "train_batch_size": plan.global_batch_size,
+        "train_micro_batch_size_per_gpu": plan.micro_batch_size,
+        "gradient_accumulation_steps": plan.gradient_accumulation_steps,
+        "gradient_clipping": config.optim.max_grad_norm,
+    }
+    if train.precision == "bf16":
+        ds["bf16"] = {"enabled": True}
+        if zero.stage >= 2:
+            ds["data_types"] = {"grad_accum_dtype": "fp32"}
+    elif train.precision == "fp16":
+        ds["fp16"] = {
+            "enabled": True,
+            "loss_scale": 0,  # 0 = dynamic
+            "initial_scale_power": FP16_INITIAL_SCALE_POWER,
+            "loss_scale_window": FP16_LOSS_SCALE_WINDOW,
+            "hysteresis": FP16_HYSTERESIS,
+            "min_loss_scale": FP16_MIN_LOSS_SCALE,
+        }
+
+    partitioning: dict[str, Any] = {"stage": zero.stage}
+    if zero.stage >= 1:
+        partitioning |= {
+            "overlap_comm": zero.overlap_comm,
+            "contiguous_gradients": zero.contiguous_gradients,
+            "reduce_bucket_size": zero.reduce_bucket_size,
+        }
+    if zero.stage in (1, 2):
+        partitioning["allgather_bucket_size"] = zero.allgather_bucket_size
+    if zero.offload_optimizer != "none":
+        partitioning["offload_optimizer"] = {"device": zero.offload_optimizer}
+    ds["zero_optimization"] = partitioning
+
+    ds |= {
+        # Our LAMB is not on DeepSpeed's list of ZeRO optimizers; it is exact under ZeRO (albert_scale.optim).
+        "zero_allow_untested_optimizer": True,
+        # With offload, keep our optimizer rather than insisting on DeepSpeed's CPU Adam.
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": STEPS_PER_PRINT,
+        "wall_clock_breakdown": False,
+    }
+    return ds
+
+
+@dataclass(frozen=True)
+class Distributed:
+    """This process's place in the data-parallel group."""
+
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+    """Where this rank computes: DeepSpeed's accelerator (cuda:LOCAL_RANK on GPUs, cpu here)."""
+
+
+def init_distributed() -> Distributed:
+    """Starts the process group (idempotent) and selects this rank's device.
+
+    Under a launcher (``deepspeed``, ``torchrun``: env rendezvous) or Ray Train (which has started the
+    group) it joins that group. Without one it starts a world of one, setting RANK, WORLD_SIZE,
+    LOCAL_RANK, MASTER_ADDR and MASTER_PORT (a free port) where they are unset, so that no MPI discovery
+    is attempted. The backend is the accelerator's: nccl on CUDA, gloo on CPU.
+    """
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    if not dist.is_initialized() and os.environ.get("WORLD_SIZE", "1") == "1":
+        for key, value in (
+            ("RANK", "0"),
+            ("WORLD_SIZE", "1"),
+            ("LOCAL_RANK", "0"),
+            ("MASTER_ADDR", "127.0.0.1"),
+        ):
+            os.environ.setdefault(key, value)
+        if "MASTER_PORT" not in os.environ:
+            os.environ["MASTER_PORT"] = str(_free_port())
+    accelerator = get_accelerator()
+    deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name(), verbose=False)
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    accelerator.set_device(local_rank)
+    return Distributed(
+        rank=dist.get_rank(),
+        local_rank=local_rank,
+        world_size=dist.get_world_size(),
+        device=torch.device(accelerator.device_name(local_rank)),
+    )
+
+
+def build_optimizer(model: nn.Module, *, optim: OptimConfig) -> torch.optim.Optimizer:
+    """ALBERT's LAMB, or torch's AdamW, over ALBERT's two parameter groups (no decay for norms and biases)."""
+    groups = param_groups(model, optim.weight_decay)
+    betas = (optim.beta1, optim.beta2)
+    if optim.name == "lamb":
+        return Lamb(groups, lr=optim.lr, betas=betas, eps=optim.eps)
+    return torch.optim.AdamW(groups, lr=optim.lr, betas=betas, eps=optim.eps)
+
+
+def initialize(model: nn.Module, config: Config, *, world_size: int | None = None) -> DeepSpeedEngine:
+    """Wraps ``model`` in a DeepSpeed engine with our optimizer, the lr schedule and ZeRO as configured.
+
+    Starts the process group if needed (:func:`init_distributed`). ``world_size`` defaults to the group's
+    size and must equal it. The schedule (``engine.lr_scheduler``, a
+    :class:`~albert_scale.schedule.WarmupDecay`) advances with every applied update and is saved in
+    DeepSpeed checkpoints. Collective: every rank calls it with the same config. DeepSpeed overwrites
+    every rank's weights with rank 0's (a broadcast, at every stage, for a model built without
+    ``deepspeed.zero.Init``); seeding alike on every rank keeps the rest of the start-up equal too.
+    """
+    import deepspeed
+
+    init_distributed()
+    actual = dist.get_world_size()
+    if world_size is not None and world_size != actual:
+        raise ValueError(f"world_size={world_size}: the process group has {actual} ranks")
+    ds_config = deepspeed_config(config, world_size=actual)
+    optimizer = build_optimizer(model, optim=config.optim)
+    engine, *_ = deepspeed.initialize(
+        model=model,
+        optimizer=optimizer,
+        # A callable: DeepSpeed builds the scheduler on the optimizer it actually steps.
+        lr_scheduler=functools.partial(WarmupDecay, lr=config.optim.lr, schedule=config.schedule),
+        config=ds_config,
+    )
+    if isinstance(optimizer, Lamb):
+        optimizer.attach_zero_partitions(engine.optimizer)  # exact trust ratios on ZeRO's flat partitions
+    return engine
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
