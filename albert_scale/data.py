@@ -24,7 +24,7 @@ import torch
 
 from albert_scale.config import DataConfig
 from albert_scale.fileio import sha256_file
-from albert_scale.masking import MaskedBatch, example_seeds, mask_batch, word_starts
+from albert_scale.masking import MaskedBatch, example_seeds, mask_batch, mix64, word_starts
 from data_pipeline.instances import SHARD_SCHEMA
 from data_pipeline.shards import read_manifest
 from data_pipeline.tokenizer import CLS_ID, MODEL_FILENAME, SEP_ID
@@ -160,7 +160,7 @@ class StatelessPermutation:
         left = (x >> np.uint64(self.half)) & self.mask
         right = x & self.mask
         for k in self.round_keys:
-            left, right = right, left ^ (_mix(right ^ k) & self.mask)
+            left, right = right, left ^ (mix64(right ^ k) & self.mask)
         return (left << np.uint64(self.half)) | right
 
     def __call__(self, indices: np.ndarray) -> np.ndarray:
@@ -170,14 +170,6 @@ class StatelessPermutation:
             x[outside] = self._feistel(x[outside])
             outside = x >= np.uint64(self.n)
         return x.astype(np.int64)
-
-
-def _mix(z: np.ndarray) -> np.ndarray:
-    """splitmix64's finalizer: a strong 64-bit mix."""
-    with np.errstate(over="ignore"):
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        return z ^ (z >> np.uint64(31))
 
 
 @dataclass

@@ -127,7 +127,7 @@ def word_starts(pieces: Sequence[str]) -> np.ndarray:
     return starts
 
 
-def _mix64(z: np.ndarray) -> np.ndarray:
+def mix64(z: np.ndarray) -> np.ndarray:
     """splitmix64's finalizer (a bijection of uint64), elementwise; wraps modulo 2**64."""
     z = z ^ (z >> _S30)
     z *= _MIX1
@@ -146,17 +146,17 @@ def example_seeds(seed: int, epoch: int, indices: np.ndarray) -> np.ndarray:
     indices = np.asarray(indices)
     if indices.dtype.kind not in "iu":
         raise ValueError(f"indices: integer dataset indices expected, got dtype {indices.dtype}")
-    base = _mix64(_mix64(_as_uint64(seed)) + _as_uint64(epoch))
-    return _mix64(_mix64(base + indices.astype(np.uint64)))
+    base = mix64(mix64(_as_uint64(seed)) + _as_uint64(epoch))
+    return mix64(mix64(base + indices.astype(np.uint64)))
 
 
 def _stream_keys(seeds: np.ndarray, stream: int) -> np.ndarray:
-    return _mix64(seeds ^ np.uint64(stream * _STREAM % (1 << 64)))
+    return mix64(seeds ^ np.uint64(stream * _STREAM % (1 << 64)))
 
 
 def _outputs(keys: np.ndarray, counters: np.ndarray) -> np.ndarray:
     """uint64 outputs number ``counters`` (broadcast against ``keys``) of splitmix64 streams."""
-    return _mix64(keys + (counters.astype(np.uint64) + np.uint64(1)) * _GAMMA)
+    return mix64(keys + (counters.astype(np.uint64) + np.uint64(1)) * _GAMMA)
 
 
 def _uniforms(keys: np.ndarray, first: int, count: int) -> np.ndarray:
