@@ -1,39 +1,48 @@
 """Training step of our ALBERT against transformers' ``AlbertForPreTraining`` (BENCHMARKS.md rows 3 and 4).
 
 Usage:
-    python bench/model_step.py                          # both settings (~6-9 min on 2 cores)
-    python bench/model_step.py --quick                  # smoke run, about a minute
-    python bench/model_step.py --settings seq512-bf16 --batch-size 4 --repeats 7
+    python bench/model_step.py                          # both settings, ~3.5 min on 2 quiet cores
+    python bench/model_step.py --quick                  # smoke run, under a minute
+    python bench/model_step.py --settings seq512-bf16 --batch-size 4 --repeats 9
+    python bench/model_step.py --peer-attention eager   # transformers with its eager attention
+    python bench/model_step.py --last-layer-at-predictions
 
 Both models get the same config (ALBERT-base shape, all dropout 0), the same weights (our state_dict
-loaded into theirs with strict=True), the same batch and the same optimizer: ``torch.optim.AdamW``
-(lr 1e-4, betas 0.9/0.999, eps 1e-6, weight decay 0.01, its default multi-tensor implementation). A step
-is forward, loss, backward, ``optimizer.step()`` and ``zero_grad()``. transformers runs with its default
-attention (SDPA) and gets labels at every position (-100 where nothing is predicted), so it projects all
-S positions to the vocabulary; ours gets ``masked_lm_positions`` and projects only those.
+loaded into theirs with strict=True, checked by equal fp32 losses on the batch), the same batch and the
+same optimizer: ``torch.optim.AdamW`` (lr 1e-4, betas 0.9/0.999, eps 1e-6, weight decay 0.01, its default
+multi-tensor implementation). A step is forward and loss (under ``torch.autocast("cpu", bf16)`` in the
+bf16 setting), backward, ``optimizer.step()`` and ``zero_grad()``. transformers runs with its default
+attention (SDPA) and, as its API requires, labels at every position (-100 where nothing is predicted),
+so it projects all S positions to the vocabulary; ours gets ``masked_lm_positions`` and computes the MLM
+head only there (and its last layer too with ``--last-layer-at-predictions``). "ours+ckpt" is ours with
+activation checkpointing.
 
-The batch is a realistic SOP layout: ``[CLS] A [SEP] B [SEP]`` with a random split, token_type_ids 0 on
-``[CLS] A [SEP]`` and 1 on ``B [SEP]``, a full attention mask, random ids from the non-control range,
-and 15% of the tokens (at most max_predictions: 20 at seq 128, 77 at seq 512) masked the ALBERT way (80%
-[MASK], 10% random, 10% unchanged; never [CLS] or [SEP]); unused prediction slots are position 0 with
-label -100, as create_pretraining_data pads them.
+The batch has the SOP layout ``[CLS] A [SEP] B [SEP]`` with a random split, token_type_ids 0 on
+``[CLS] A [SEP]`` and 1 on ``B [SEP]``, a full attention mask (given to both; both drop it as all
+ones, transformers after a check, ours on CPU where the check costs no device sync), random ids from
+the non-control range, and 15% of the tokens (at most max_predictions: 20 at seq 128, 77 at seq 512)
+masked the ALBERT way (80% [MASK], 10% random, 10% unchanged; never [CLS] or [SEP]); unused prediction
+slots are position 0 with label -100, as create_pretraining_data pads them.
 
-Speed: tokens/s = batch x seq / step time, the median of ``--repeats`` timed steps after 2 warm-up steps;
-the variants run in turn within each repetition (rotating which goes first) so machine noise hits them
-alike. The ratio is ours / theirs of the medians.
+Speed: tokens/s = batch x seq / step time, from the median of ``--repeats`` timed steps after
+``--warmup`` untimed ones. The variants take turns within each repetition, rotating which goes first,
+so machine noise hits them alike. Ratios are ours / theirs of the medians; "(best)" is the same ratio
+of the fastest steps, a check when other processes share the machine. The share of the cores that
+other processes used during the timed steps (from /proc/stat) is printed: results are only as good as
+that is low.
 
-Memory: "activation memory per sequence" is the peak of memory allocated by torch's CPU allocator during
-forward + backward, above what was allocated before the forward, per sequence of the batch. It is read
-from the allocator itself: under ``torch.profiler`` with ``profile_memory=True`` every allocation and
-free is recorded with its size, in order; their running sum is the live memory, and its maximum is the
-peak. This counts everything the step allocates (tensors saved for backward, the logits, the
-recomputation inside activation checkpointing, activation gradients and the temporaries of backward),
-unlike a count of saved tensors, which misses what checkpointing recomputes. Parameter gradients exist
-before the measured step (``zero_grad(set_to_none=False)``), so they are not counted. To remove the
-per-step costs that do not grow with the batch (e.g. bf16 copies of the weights under autocast, weight
-gradient buffers), the figure is the slope between two batch sizes, b/2 and b:
-(peak(b) - peak(b/2)) / (b - b/2). Allocations made inside MKL/oneDNN outside torch's allocator
-(GEMM scratch) are not seen; they do not grow with the batch here.
+Memory: "activation memory per sequence" is the peak of the memory allocated by torch's CPU allocator
+during forward + backward, above what was allocated before the forward, per sequence. It is read from
+the allocator itself: under ``torch.profiler`` with ``profile_memory=True`` every allocation and free
+is recorded with its size, in order; their running sum is the live memory and its maximum the peak.
+This counts everything the step allocates (tensors saved for backward, logits, what activation
+checkpointing recomputes, activation gradients, temporaries of backward), which a count of saved
+tensors would not (it misses what checkpointing recomputes). Parameter gradients are allocated before
+the measured step, so they are not counted. To drop per-step costs that do not grow with the batch
+(bf16 copies of the weights under autocast, weight-gradient buffers), the figure is the slope between
+batch sizes b/2 and b: (peak(b) - peak(b/2)) / (b/2). "held" is the same slope of the memory live
+when backward starts (what the forward keeps for backward). Allocations that MKL/oneDNN make outside
+torch's allocator (GEMM scratch) are not seen; they do not grow with the batch.
 
 Results are printed as a table and written to bench/results/model_step.json.
 """
@@ -45,6 +54,7 @@ import contextlib
 import json
 import os
 import platform
+import resource
 import statistics
 import sys
 import time
@@ -95,12 +105,12 @@ VARIANTS = ("ours", "ours+ckpt", "theirs")
 
 
 def make_batch(batch_size: int, seq_len: int, max_predictions: int, *, seed: int) -> dict[str, torch.Tensor]:
-    """A random SOP batch: ids, segments, mask, masked positions with labels (ours) and dense labels (theirs)."""
+    """A random SOP batch: ids, segments, mask, masked positions and labels (ours), dense labels (theirs)."""
     g = torch.Generator().manual_seed(seed)
     vocab = BASE.vocab_size
     ids = torch.randint(FIRST_PIECE_ID, vocab, (batch_size, seq_len), generator=g)
     token_type_ids = torch.zeros(batch_size, seq_len, dtype=torch.long)
-    num_predict = min(max_predictions, max(1, round((seq_len - 3) * MASKED_LM_PROB)))
+    num_predict = min(max_predictions, max(1, round(seq_len * MASKED_LM_PROB)))  # as create_pretraining_data
     positions = torch.zeros(batch_size, max_predictions, dtype=torch.long)
     labels = torch.full((batch_size, max_predictions), IGNORE_INDEX)
     for row in range(batch_size):
@@ -159,13 +169,17 @@ class Variant:
     optimizer: torch.optim.Optimizer
 
 
-def build_variants(seed: int) -> dict[str, Variant]:
+def build_variants(seed: int, *, peer_attention: str, last_layer_at_predictions: bool) -> dict[str, Variant]:
     """Ours, ours with activation checkpointing, and transformers', all with the same weights."""
     torch.manual_seed(seed)
-    ours = AlbertForPreTraining(BASE)
-    ours_ckpt = AlbertForPreTraining(BASE, activation_checkpointing=True)
+    ours = AlbertForPreTraining(BASE, last_layer_at_predictions=last_layer_at_predictions)
+    ours_ckpt = AlbertForPreTraining(
+        BASE, activation_checkpointing=True, last_layer_at_predictions=last_layer_at_predictions
+    )
     ours_ckpt.load_state_dict(ours.state_dict(), strict=True)
-    theirs = transformers.AlbertForPreTraining(transformers.AlbertConfig(**BASE.to_hf_dict()))
+    theirs = transformers.AlbertForPreTraining(
+        transformers.AlbertConfig(**BASE.to_hf_dict(), attn_implementation=peer_attention)
+    )
     theirs.load_state_dict(ours.state_dict(), strict=True)
     variants = {}
     for name, model, loss_fn in (
@@ -203,20 +217,51 @@ def check_parity(variants: dict[str, Variant], batch: dict[str, torch.Tensor]) -
     return ours.item()
 
 
+def _busy_cpu_seconds() -> float | None:
+    """CPU seconds all processes of the machine have used so far (Linux /proc/stat), else None."""
+    try:
+        ticks = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = ticks
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class Timings:
+    """Per timed step: wall seconds and the process's system seconds and minor page faults by variant,
+    and the share of the machine's cores other processes used meanwhile (the noise)."""
+
+    wall: dict[str, list[float]]
+    system: dict[str, list[float]]
+    page_faults: dict[str, list[int]]
+    others: list[float]
+
+
 def time_steps(
     variants: dict[str, Variant], batch: dict[str, torch.Tensor], bf16: bool, *, repeats: int, warmup: int
-) -> dict[str, list[float]]:
-    """Seconds per training step for each variant, interleaved and rotated round by round."""
+) -> Timings:
+    """Times training steps of each variant, interleaved and rotated round by round."""
     names = list(variants)
-    times: dict[str, list[float]] = {name: [] for name in names}
+    timings = Timings({n: [] for n in names}, {n: [] for n in names}, {n: [] for n in names}, [])
+    cores = os.cpu_count() or 1
     for round_index in range(warmup + repeats):
         shift = round_index % len(names)
         for name in names[shift:] + names[:shift]:
-            start = time.perf_counter()
+            busy, own = _busy_cpu_seconds(), time.process_time()
+            usage, start = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
             train_step(variants[name], batch, bf16)
-            if round_index >= warmup:
-                times[name].append(time.perf_counter() - start)
-    return times
+            elapsed = time.perf_counter() - start
+            usage_after, busy_after = resource.getrusage(resource.RUSAGE_SELF), _busy_cpu_seconds()
+            if round_index < warmup:
+                continue
+            timings.wall[name].append(elapsed)
+            timings.system[name].append(usage_after.ru_stime - usage.ru_stime)
+            timings.page_faults[name].append(usage_after.ru_minflt - usage.ru_minflt)
+            if busy is not None and busy_after is not None:
+                other_cpu = busy_after - busy - (time.process_time() - own)
+                timings.others.append(min(1.0, max(0.0, other_cpu / (elapsed * cores))))
+    return timings
 
 
 BACKWARD_MARK = "model_step/backward"
@@ -266,7 +311,6 @@ def measure_memory(
     results = {}
     for b in (small, large):
         batch = make_batch(b, setting.seq_len, setting.max_predictions, seed=seed)
-        train_step(variant, batch, bf16)  # settle allocations of this shape (first-call caches)
         results[b] = step_memory(variant, batch, bf16)
     mib = 2.0**20
     return {
@@ -279,51 +323,84 @@ def measure_memory(
 
 def run_setting(name: str, setting: Setting, args: argparse.Namespace) -> dict[str, object]:
     batch_size = args.batch_size or setting.batch_size
-    variants = build_variants(args.seed)
+    precision = "bf16 autocast" if setting.bf16 else "fp32"
+    started = time.perf_counter()
+    variants = build_variants(
+        args.seed,
+        peer_attention=args.peer_attention,
+        last_layer_at_predictions=args.last_layer_at_predictions,
+    )
     batch = make_batch(batch_size, setting.seq_len, setting.max_predictions, seed=args.seed)
     fp32_loss = check_parity(variants, batch)
     print(
-        f"\n== {name}: batch {batch_size} x seq {setting.seq_len}, "
-        f"{'bf16 autocast' if setting.bf16 else 'fp32'}; fp32 losses agree ({fp32_loss:.4f})",
+        f"\n== {name}: batch {batch_size} x seq {setting.seq_len}, {precision}, "
+        f"{int((batch['masked_lm_labels'] != IGNORE_INDEX).sum()) // batch_size} predictions per sequence; "
+        f"fp32 losses agree ({fp32_loss:.4f})",
         flush=True,
     )
-
-    times = time_steps(variants, batch, setting.bf16, repeats=args.repeats, warmup=args.warmup)
+    timings = time_steps(variants, batch, setting.bf16, repeats=args.repeats, warmup=args.warmup)
+    times, others = timings.wall, timings.others
+    timed = time.perf_counter()
     memory = {
         v: measure_memory(variants[v], setting, batch_size, setting.bf16, seed=args.seed) for v in VARIANTS
     }
     tokens = batch_size * setting.seq_len
-    rows = {}
+    rows: dict[str, dict[str, object]] = {}
     for v in VARIANTS:
-        median = statistics.median(times[v])
         rows[v] = {
-            "tokens_per_s": tokens / median,
-            "step_s_median": median,
-            "step_s_all": times[v],
+            "tokens_per_s": tokens / statistics.median(times[v]),
+            "tokens_per_s_best": tokens / min(times[v]),
+            "step_s": times[v],
+            "system_s_per_step": statistics.median(timings.system[v]),
+            "page_faults_per_step": statistics.median(timings.page_faults[v]),
             **memory[v],
         }
     theirs = rows["theirs"]
-    for v in VARIANTS:
-        rows[v]["speed_ratio"] = rows[v]["tokens_per_s"] / theirs["tokens_per_s"]
-        rows[v]["memory_ratio"] = rows[v]["peak_mib_per_seq"] / theirs["peak_mib_per_seq"]
-        rows[v]["held_memory_ratio"] = rows[v]["held_mib_per_seq"] / theirs["held_mib_per_seq"]
+    for r in rows.values():
+        r["speed_ratio"] = r["tokens_per_s"] / theirs["tokens_per_s"]
+        r["speed_ratio_best"] = r["tokens_per_s_best"] / theirs["tokens_per_s_best"]
+        r["memory_ratio"] = r["peak_mib_per_seq"] / theirs["peak_mib_per_seq"]
+        r["held_memory_ratio"] = r["held_mib_per_seq"] / theirs["held_mib_per_seq"]
 
-    header = f"{'variant':<10} {'tokens/s':>9} {'x theirs':>9} {'peak MiB/seq':>13} {'x theirs':>9} {'held MiB/seq':>13} {'x theirs':>9}"
-    print(header)
-    for v in VARIANTS:
-        r = rows[v]
+    print(
+        f"{'variant':<10} {'tokens/s':>9} {'ratio':>6} {'(best)':>7} "
+        f"{'peak MiB/seq':>13} {'ratio':>6} {'held MiB/seq':>13} {'ratio':>6}"
+    )
+    for v, r in rows.items():
         print(
-            f"{v:<10} {r['tokens_per_s']:>9.0f} {r['speed_ratio']:>9.2f} {r['peak_mib_per_seq']:>13.1f} "
-            f"{r['memory_ratio']:>9.2f} {r['held_mib_per_seq']:>13.1f} {r['held_memory_ratio']:>9.2f}"
+            f"{v:<10} {r['tokens_per_s']:>9.0f} {r['speed_ratio']:>6.2f} {r['speed_ratio_best']:>7.2f} "
+            f"{r['peak_mib_per_seq']:>13.1f} {r['memory_ratio']:>6.2f} "
+            f"{r['held_mib_per_seq']:>13.1f} {r['held_memory_ratio']:>6.2f}"
         )
+    print(
+        "kernel time per step (minor page faults): "
+        + ", ".join(
+            f"{v} {r['system_s_per_step']:.2f} s ({r['page_faults_per_step'] / 1e3:.0f}k)"
+            for v, r in rows.items()
+        )
+    )
+    noise = (
+        f"other processes used {100 * statistics.median(others):.0f}% (median), "
+        f"{100 * max(others):.0f}% (max) of the cores during timed steps; "
+        if others
+        else ""
+    )
+    print(
+        f"(ratios are ours / theirs; '(best)' compares the fastest steps; {noise}"
+        f"timing {timed - started:.0f} s, memory {time.perf_counter() - timed:.0f} s)",
+        flush=True,
+    )
     return {
         "batch_size": batch_size,
         "seq_len": setting.seq_len,
         "max_predictions": setting.max_predictions,
-        "precision": "bf16 autocast" if setting.bf16 else "fp32",
+        "precision": precision,
         "repeats": args.repeats,
         "warmup": args.warmup,
+        "peer_attention": args.peer_attention,
+        "last_layer_at_predictions": args.last_layer_at_predictions,
         "fp32_loss": fp32_loss,
+        "other_processes_cpu_share": others,
         "variants": rows,
     }
 
@@ -343,9 +420,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--batch-size", type=int, help="sequences per step (default: 8 at seq 128, 4 at seq 512)"
     )
-    parser.add_argument("--repeats", type=int, default=5, help="timed steps per variant (default: 5)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per variant first (default: 2)")
+    parser.add_argument("--repeats", type=int, default=7, help="timed steps per variant (default: 7)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps per variant first (default: 1)")
     parser.add_argument("--seed", type=int, default=0, help="seed of weights and batch")
+    parser.add_argument(
+        "--peer-attention",
+        choices=("sdpa", "eager"),
+        default="sdpa",
+        help="transformers' attention implementation (default: sdpa, its default)",
+    )
+    parser.add_argument(
+        "--last-layer-at-predictions",
+        action="store_true",
+        help="ours runs its last layer only at the masked positions and [CLS] (off by default in the model)",
+    )
     parser.add_argument(
         "--quick", action="store_true", help="smoke run: batch 2, 1 warm-up and 2 timed steps"
     )

@@ -247,3 +247,32 @@ def test_hf_config_export_builds_the_same_transformers_model():
     model = transformers.AlbertForPreTraining(hf_config)
     model.load_state_dict(AlbertForPreTraining(SHAPES["groups"]).state_dict(), strict=True)
     assert hf_config.model_type == "albert"
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("with_mask", [False, True])
+@pytest.mark.parametrize("with_queries", [False, True])
+def test_cpu_bf16_attention_matches_sdpa(with_mask, with_queries):
+    """The bf16 CPU attention (batched GEMMs, recomputation in backward) against SDPA in fp32."""
+    from albert_scale.model import attention
+
+    torch.manual_seed(0)
+    batch, seq, heads, dim = 3, 37, 4, 16
+    qkv = torch.randn(batch, seq, 3 * heads * dim)
+    mask = None
+    if with_mask:
+        mask = (torch.arange(seq)[None, :] < torch.tensor([seq, 30, 12])[:, None])[:, None, None, :]
+    queries = torch.tensor([[0, 5, 5, 9], [0, 1, 2, 29], [0, 11, 0, 0]]) if with_queries else None
+    grad = torch.randn(batch, seq if queries is None else queries.shape[1], heads * dim)
+
+    results = []
+    for dtype in (torch.float32, torch.bfloat16):
+        x = qkv.to(dtype).detach().requires_grad_(True)
+        out = attention(x, mask, num_heads=heads, query_index=queries)
+        out.backward(grad.to(dtype))
+        results.append((out.float(), x.grad.float()))
+    (ref_out, ref_grad), (out, grad_in) = results
+    assert out.shape == ref_out.shape
+    # bf16 has an 8-bit mantissa: agreement at that level, relative to the tensors' scale.
+    assert (out - ref_out).abs().max() <= 0.02 * ref_out.abs().max()
+    assert (grad_in - ref_grad).abs().max() <= 0.03 * ref_grad.abs().max()
