@@ -445,6 +445,15 @@ def launcher_world_size() -> int | None:
     return size
 
 
+def check_sequence_length(config: Config) -> None:
+    """Instances must fit the model's position table."""
+    if config.data.max_seq_length > config.model.max_position_embeddings:
+        raise ConfigError(
+            f"data.max_seq_length={config.data.max_seq_length}: longer than "
+            f"model.max_position_embeddings={config.model.max_position_embeddings}"
+        )
+
+
 def check(config: Config, *, world_size: int | None = None) -> BatchPlan:
     """Checks what no single section can, and returns the batch arithmetic.
 
@@ -452,12 +461,8 @@ def check(config: Config, *, world_size: int | None = None) -> BatchPlan:
     """
     if world_size is None:
         world_size = launcher_world_size() or config.cluster.num_workers
-    model, data, train = config.model, config.data, config.train
-    if data.max_seq_length > model.max_position_embeddings:
-        raise ConfigError(
-            f"data.max_seq_length={data.max_seq_length}: longer than "
-            f"model.max_position_embeddings={model.max_position_embeddings}"
-        )
+    data, train = config.data, config.train
+    check_sequence_length(config)
     if data.phase1_steps > config.schedule.total_steps:
         raise ConfigError(
             f"data.phase1_steps={data.phase1_steps}: more than schedule.total_steps={config.schedule.total_steps}"

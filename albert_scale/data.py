@@ -25,7 +25,7 @@ import torch
 from albert_scale.config import DataConfig
 from albert_scale.fileio import sha256_file
 from albert_scale.masking import MaskedBatch, example_seeds, mask_batch, mix64, word_starts
-from data_pipeline.instances import SHARD_SCHEMA
+from data_pipeline.instances import SHARD_SCHEMA, stable_hash
 from data_pipeline.shards import read_manifest
 from data_pipeline.tokenizer import CLS_ID, MODEL_FILENAME, SEP_ID
 
@@ -266,7 +266,7 @@ class PretrainingLoader:
 
     def order(self, epoch: int) -> StatelessPermutation:
         """The epoch's order: position in the epoch -> dataset index."""
-        return StatelessPermutation(len(self.dataset), key=hash_key(self.seed, epoch))
+        return StatelessPermutation(len(self.dataset), key=stable_hash(self.seed, epoch))
 
     def global_batch_indices(self, epoch: int, consumed: int) -> np.ndarray:
         """Dataset indices of the global batch that starts ``consumed`` examples into ``epoch``."""
@@ -325,11 +325,6 @@ class PretrainingLoader:
                 "the checkpoint's data cursor belongs to another dataset (manifest fingerprint differs)"
             )
         self.cursor = Cursor.from_state_dict(state["cursor"])
-
-
-def hash_key(*parts: int) -> int:
-    digest = hashlib.blake2b(":".join(map(str, parts)).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little")
 
 
 def phases(data: DataConfig) -> list[Phase]:

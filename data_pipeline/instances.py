@@ -45,9 +45,14 @@ def document_key(file_index: int, doc_index: int) -> int:
     return (file_index << DOCUMENT_KEY_BITS) | doc_index
 
 
-def document_seed(seed: int, key: int) -> int:
-    digest = hashlib.blake2b(f"{seed}:{key}".encode(), digest_size=8).digest()
+def stable_hash(*parts: int) -> int:
+    """A 64-bit hash of integers, the same on every machine and Python (unlike ``hash``)."""
+    digest = hashlib.blake2b(":".join(map(str, parts)).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little")
+
+
+def document_seed(seed: int, key: int) -> int:
+    return stable_hash(seed, key)
 
 
 def is_validation(text_hash: int, fraction: float) -> bool:

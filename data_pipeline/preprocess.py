@@ -34,7 +34,7 @@ from typing import Any
 from tqdm import tqdm
 
 from albert_scale.cli import add_config_arguments, move_overrides, stage_main
-from albert_scale.config import Config, load_config
+from albert_scale.config import Config, check_sequence_length, load_config
 from albert_scale.fileio import atomic_write_bytes, atomic_write_text, sha256_file
 from data_pipeline import tokenizer as tok
 from data_pipeline.instances import SCHEMA_VERSION, SHARD_SCHEMA
@@ -287,11 +287,7 @@ def run(args: argparse.Namespace) -> int:
     started = time.time()
     move_overrides(args, "input")
     config = load_config(args.config, args.overrides)
-    if config.data.max_seq_length > config.model.max_position_embeddings:
-        raise ValueError(
-            f"data.max_seq_length={config.data.max_seq_length}: longer than "
-            f"model.max_position_embeddings={config.model.max_position_embeddings}"
-        )
+    check_sequence_length(config)
     if args.num_workers is not None and args.num_workers < 1:
         raise ValueError(f"--num-workers={args.num_workers}: must be >= 1")
     pre = config.preprocess
