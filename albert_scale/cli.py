@@ -36,11 +36,20 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "albert_scale.plan",
         "resolve a config with overrides; print it, the batch arithmetic, model size and FLOPs",
     ),
+    "train": (
+        "albert_scale.train",
+        "pretrain with DeepSpeed ZeRO + LAMB (one process, deepspeed or torchrun); checkpoints, auto-resume",
+    ),
 }
+
+
+class RunStopped(RuntimeError):
+    """A run stopped on purpose with a message for the user (e.g. a non-finite loss)."""
+
 
 # Errors a user can fix: they are reported as one line naming the problem, with a non-zero exit.
 # ALBERT_SCALE_DEBUG=1 shows the traceback instead.
-USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError)
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, RunStopped)
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -65,13 +74,19 @@ def stage_main(
         except USER_ERRORS as err:
             if os.environ.get("ALBERT_SCALE_DEBUG"):
                 raise
-            print(f"{parser.prog}: error: {_one_line(err)}", file=sys.stderr)
+            _report(f"{parser.prog}: error: {_one_line(err)}")
             return EXIT_USER_ERROR
         except KeyboardInterrupt:
-            print(f"{parser.prog}: interrupted", file=sys.stderr)
+            _report(f"{parser.prog}: interrupted")
             return EXIT_INTERRUPTED
 
     return main
+
+
+def _report(line: str) -> None:
+    """Prints on stderr, once per job: under a launcher every rank fails alike, and rank 0 speaks for all."""
+    if os.environ.get("RANK", "0") == "0":
+        print(line, file=sys.stderr)
 
 
 def _one_line(err: BaseException) -> str:
@@ -135,9 +150,26 @@ def _version() -> str:
         return "unknown"
 
 
+def strip_local_rank(argv: Sequence[str]) -> list[str]:
+    """Drops the ``--local_rank=N`` that the deepspeed launcher puts before the script's own arguments
+    (LOCAL_RANK in the environment says the same)."""
+    out: list[str] = []
+    skip = False
+    for i, word in enumerate(argv):
+        if skip:
+            skip = False
+        elif re.fullmatch(r"--local[_-]rank=\d+", word):
+            continue
+        elif word in ("--local_rank", "--local-rank") and i + 1 < len(argv) and argv[i + 1].isdigit():
+            skip = True
+        else:
+            out.append(word)
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _root_parser()
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(strip_local_rank(sys.argv[1:] if argv is None else argv))
     if args.command not in COMMANDS:
         parser.error(f"unknown command {args.command!r} (commands: {', '.join(COMMANDS)})")
     module_name, _ = COMMANDS[args.command]

@@ -203,12 +203,20 @@ class TrainConfig:
     """Steps between checkpoints (one is always written at the end)."""
     keep_checkpoints: int = 3
     """Checkpoints kept in the run directory (older ones are deleted)."""
+    eval_examples: int = 10_000
+    """Validation instances evaluated at each pass (the first ones of the split; 0 = all of it)."""
+    nonfinite: Literal["stop", "skip"] = "stop"
+    """A NaN or inf loss: stop the run naming the step, or skip that step's update and go on."""
+    peak_tflops: float = 0.0
+    """Peak TFLOP/s of one device in train.precision, for MFU (0 = from the built-in device table)."""
 
     def __post_init__(self) -> None:
         for name in ("global_batch_size", "micro_batch_size", "log_every", "eval_every", "checkpoint_every"):
             _require(getattr(self, name) >= 1, name, getattr(self, name), "must be >= 1")
         _require(self.keep_checkpoints >= 1, "keep_checkpoints", self.keep_checkpoints, "must be >= 1")
         _require(self.seed >= 0, "seed", self.seed, "must be >= 0")
+        _require(self.eval_examples >= 0, "eval_examples", self.eval_examples, "must be >= 0 (0 = all)")
+        _require(self.peak_tflops >= 0, "peak_tflops", self.peak_tflops, "must be >= 0 (0 = device table)")
 
 
 @dataclass(frozen=True)

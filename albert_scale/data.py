@@ -24,12 +24,12 @@ import torch
 
 from albert_scale.config import DataConfig
 from albert_scale.fileio import sha256_file
-from albert_scale.masking import MaskedBatch, example_seeds, mask_batch, mix64, word_starts
+from albert_scale.masking import IGNORE_INDEX, MaskedBatch, example_seeds, mask_batch, mix64, word_starts
 from data_pipeline.instances import SHARD_SCHEMA, stable_hash
 from data_pipeline.shards import read_manifest
 from data_pipeline.tokenizer import CLS_ID, MODEL_FILENAME, SEP_ID
 
-__all__ = ["Cursor", "PretrainingLoader", "ShardedDataset", "StatelessPermutation", "crop_pair"]
+__all__ = ["Cursor", "EvalSet", "PretrainingLoader", "ShardedDataset", "StatelessPermutation", "crop_pair"]
 
 
 class ShardedDataset:
@@ -248,10 +248,7 @@ class PretrainingLoader:
                 f"the data cursor stands at {self.cursor.consumed} examples into epoch {self.cursor.epoch}, "
                 f"not a multiple of the global batch {global_batch_size}: resume with the batch size it was saved with"
             )
-        from data_pipeline.tokenizer import from_proto
-
-        processor = from_proto((dataset.directory / MODEL_FILENAME).read_bytes())
-        self.word_start = word_starts([processor.id_to_piece(i) for i in range(processor.get_piece_size())])
+        self.word_start = word_start_table(dataset)
 
     @property
     def step(self) -> int:
@@ -325,6 +322,83 @@ class PretrainingLoader:
                 "the checkpoint's data cursor belongs to another dataset (manifest fingerprint differs)"
             )
         self.cursor = Cursor.from_state_dict(state["cursor"])
+
+
+def word_start_table(dataset: ShardedDataset) -> np.ndarray:
+    """Per token id, whether its piece starts a word (for whole-word masking), from the dataset's tokenizer."""
+    from data_pipeline.tokenizer import from_proto
+
+    processor = from_proto((dataset.directory / MODEL_FILENAME).read_bytes())
+    return word_starts([processor.id_to_piece(i) for i in range(processor.get_piece_size())])
+
+
+class EvalSet:
+    """A fixed validation set: the first ``limit`` instances of a split (0 = all), masked once and for all.
+
+    Masking is keyed by (seed, epoch 0, index), as static masking in training, so every pass sees the
+    same inputs. Rank r takes instances r, r + W, r + 2W, ... and every rank runs the same number of
+    micro-batches (a rank that runs out repeats an instance with its labels ignored), so no rank waits
+    on another, also under ZeRO-3 where a forward pass is collective.
+    """
+
+    def __init__(
+        self,
+        dataset: ShardedDataset,
+        *,
+        micro_batch_size: int,
+        rank: int,
+        world_size: int,
+        seed: int,
+        phase: Phase,
+        masked_lm_prob: float,
+        limit: int = 0,
+    ):
+        total = len(dataset) if limit == 0 else min(limit, len(dataset))
+        if total == 0:
+            raise ValueError(
+                f"dataset {str(dataset.directory)!r} ({dataset.split}) has no instances to evaluate"
+            )
+        self.dataset = dataset
+        self.total = total
+        self.seed = seed
+        self.phase = phase
+        self.masked_lm_prob = masked_lm_prob
+        self.word_start = word_start_table(dataset)
+        mine = np.arange(rank, total, world_size)
+        per_rank = -(-total // world_size)
+        self.num_batches = -(-per_rank // micro_batch_size)
+        padded = np.full(self.num_batches * micro_batch_size, -1, dtype=np.int64)
+        padded[: len(mine)] = mine
+        self._chunks = padded.reshape(self.num_batches, micro_batch_size)
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        for chunk in self._chunks:
+            real = chunk >= 0
+            indices = np.where(real, chunk, 0)
+            arrays = self.dataset.collate(indices, self.phase.seq_len)
+            masked = mask_batch(
+                arrays["input_ids"],
+                seeds=example_seeds(self.seed, 0, indices),
+                word_start=self.word_start,
+                vocab_size=self.dataset.vocab_size,
+                masked_lm_prob=self.masked_lm_prob,
+                max_predictions=self.phase.max_predictions,
+            )
+            labels = masked.masked_labels.astype(np.int64)
+            labels[~real] = IGNORE_INDEX
+            sop = arrays["sentence_order_labels"].copy()
+            sop[~real] = IGNORE_INDEX
+            yield {
+                "input_ids": torch.from_numpy(masked.input_ids.astype(np.int64)),
+                "attention_mask": torch.from_numpy(arrays["attention_mask"].astype(np.int64)),
+                "token_type_ids": torch.from_numpy(arrays["token_type_ids"].astype(np.int64)),
+                "masked_lm_positions": torch.from_numpy(masked.masked_positions.astype(np.int64)),
+                "masked_lm_labels": torch.from_numpy(labels),
+                "sentence_order_labels": torch.from_numpy(sop),
+            }
 
 
 def phases(data: DataConfig) -> list[Phase]:

@@ -19,9 +19,12 @@ would spoil ``plan``-style output of the config.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import io
 import os
 import socket
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -30,7 +33,7 @@ import torch.distributed as dist
 from torch import nn
 
 from albert_scale.config import Config, ConfigError, OptimConfig, check
-from albert_scale.optim import Lamb, param_groups
+from albert_scale.optim import AdamW, Lamb, PartitionLayout, param_groups, zero_partition_layout
 from albert_scale.schedule import WarmupDecay
 
 if TYPE_CHECKING:
@@ -149,7 +152,7 @@ def init_distributed() -> Distributed:
     LOCAL_RANK, MASTER_ADDR and MASTER_PORT (a free port) where they are unset, so that no MPI discovery
     is attempted. The backend is the accelerator's: nccl on CUDA, gloo on CPU.
     """
-    import deepspeed
+    deepspeed = _import_deepspeed()
     from deepspeed.accelerator import get_accelerator
 
     if not dist.is_initialized() and os.environ.get("WORLD_SIZE", "1") == "1":
@@ -163,7 +166,8 @@ def init_distributed() -> Distributed:
         if "MASTER_PORT" not in os.environ:
             os.environ["MASTER_PORT"] = str(_free_port())
     accelerator = get_accelerator()
-    deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name(), verbose=False)
+    with contextlib.redirect_stdout(io.StringIO()):  # "DeepSpeed ... shm_comm_op built successfully"
+        deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name(), verbose=False)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     accelerator.set_device(local_rank)
     return Distributed(
@@ -180,7 +184,7 @@ def build_optimizer(model: nn.Module, *, optim: OptimConfig) -> torch.optim.Opti
     betas = (optim.beta1, optim.beta2)
     if optim.name == "lamb":
         return Lamb(groups, lr=optim.lr, betas=betas, eps=optim.eps)
-    return torch.optim.AdamW(groups, lr=optim.lr, betas=betas, eps=optim.eps)
+    return AdamW(groups, lr=optim.lr, betas=betas, eps=optim.eps)
 
 
 def initialize(model: nn.Module, config: Config, *, world_size: int | None = None) -> DeepSpeedEngine:
@@ -193,7 +197,7 @@ def initialize(model: nn.Module, config: Config, *, world_size: int | None = Non
     every rank's weights with rank 0's (a broadcast, at every stage, for a model built without
     ``deepspeed.zero.Init``); seeding alike on every rank keeps the rest of the start-up equal too.
     """
-    import deepspeed
+    deepspeed = _import_deepspeed()
 
     init_distributed()
     actual = dist.get_world_size()
@@ -211,6 +215,219 @@ def initialize(model: nn.Module, config: Config, *, world_size: int | None = Non
     if isinstance(optimizer, Lamb):
         optimizer.attach_zero_partitions(engine.optimizer)  # exact trust ratios on ZeRO's flat partitions
     return engine
+
+
+MOMENTS = ("exp_avg", "exp_avg_sq")
+"""The optimizer state of a parameter (LAMB and AdamW name their moments alike)."""
+
+LOSS_SCALER_FIELDS = ("cur_scale", "cur_iter", "last_overflow_iter", "cur_hysteresis")
+"""fp16 dynamic loss scaling state."""
+
+
+def client_optimizer(engine: DeepSpeedEngine) -> torch.optim.Optimizer:
+    """Our optimizer inside the engine (``engine.optimizer`` is DeepSpeed's wrapper under ZeRO)."""
+    return engine.basic_optimizer
+
+
+def skipped_step(engine: DeepSpeedEngine, step: Callable[[], None]) -> None:
+    """Runs ``step`` (the ``engine.step()`` at an accumulation boundary) without updating anything.
+
+    Our optimizer leaves weights and moments untouched. DeepSpeed itself skips a step whose gradients are
+    not finite only in some configurations (fp16, bf16 and ZeRO-1/2 with clipping); where it does not, it
+    has advanced the schedule and counted an applied step, which is undone here, so that a skipped step
+    looks the same everywhere: the schedule stays, ``engine.skipped_steps`` grows.
+    """
+    optimizer = client_optimizer(engine)
+    schedule = engine.lr_scheduler.state_dict()
+    optimizer.skip_update = True
+    try:
+        step()
+    finally:
+        optimizer.skip_update = False
+    if engine.was_step_applied():
+        engine.lr_scheduler.load_state_dict(schedule)
+        engine.skipped_steps += 1
+
+
+def _state_layout(engine: DeepSpeedEngine) -> tuple[list[str], list[torch.Tensor], PartitionLayout | None]:
+    """The optimizer's parameters (names and tensors, in its order) and where they live in the flat fp32
+    tensors DeepSpeed hands it on this rank; no layout without ZeRO (the optimizer holds the parameters)."""
+    groups = param_groups(engine.module, 0.0)  # the order build_optimizer used
+    names = [name for group in groups for name in group["names"]]
+    params = [param for group in groups for param in group["params"]]
+    if engine.optimizer is client_optimizer(engine):
+        return names, params, None
+    return names, params, zero_partition_layout(engine.optimizer, params)
+
+
+def _full_shape(param: torch.Tensor) -> torch.Size:
+    return getattr(param, "ds_shape", param.shape)  # ZeRO-3 keeps an empty placeholder in param.data
+
+
+def gather_state(
+    engine: DeepSpeedEngine,
+) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]]]:
+    """The fp32 master weights and the optimizer moments of every parameter, whole, on rank 0.
+
+    Collective at ZeRO stages 1-3: each rank places its fragments of every parameter into a zero buffer of
+    all parameters, and the buffers are summed on rank 0 (every element comes from exactly one rank, so
+    the sum is exact); one reduce per quantity (weights, first and second moment). Independent of the
+    world size and the ZeRO stage: the tensors one process would hold. Other ranks get empty dicts.
+    Moments not created yet (before the first update) are zeros.
+    """
+    names, params, layout = _state_layout(engine)
+    optimizer = client_optimizer(engine)
+    keep = dist.get_rank() == 0
+    weights: dict[str, torch.Tensor] = {}
+    moments: dict[str, dict[str, torch.Tensor]] = {key: {} for key in MOMENTS}
+    if layout is None:
+        for name, param in zip(names, params, strict=True):
+            weights[name] = param.detach().float().cpu().clone()
+            for key in MOMENTS:
+                value = optimizer.state.get(param, {}).get(key)
+                moments[key][name] = (
+                    value.float().cpu().clone() if value is not None else torch.zeros_like(weights[name])
+                )
+        return (weights, moments) if keep else ({}, {key: {} for key in MOMENTS})
+
+    shapes = [_full_shape(p) for p in params]
+    sizes = [shape.numel() for shape in shapes]
+    offsets = [sum(sizes[:i]) for i in range(len(sizes))]
+    device = next(iter(layout.fragments)).device
+    for quantity in ("weights", *MOMENTS):
+        buffer = torch.zeros(sum(sizes), dtype=torch.float32, device=device)
+        for flat, fragments in layout.fragments.items():
+            source = flat if quantity == "weights" else optimizer.state.get(flat, {}).get(quantity)
+            if source is None:
+                continue
+            for f in fragments:
+                at = offsets[f.index] + f.offset
+                buffer[at : at + f.numel] = source.detach()[f.start : f.start + f.numel]
+        dist.reduce(buffer, dst=0)
+        if keep:
+            host = buffer.cpu()
+            target = weights if quantity == "weights" else moments[quantity]
+            for name, at, size, shape in zip(names, offsets, sizes, shapes, strict=True):
+                target[name] = host[at : at + size].view(shape).clone()
+        del buffer
+    return weights, moments
+
+
+def restore_state(
+    engine: DeepSpeedEngine,
+    weights: Mapping[str, torch.Tensor],
+    moments: Mapping[str, Mapping[str, torch.Tensor]],
+    *,
+    updates: int,
+) -> None:
+    """Sets every parameter's fp32 master weight and moments from whole tensors (:func:`gather_state`).
+
+    Every rank passes the same whole tensors and keeps its own fragments; the optimizer's state is created
+    here when it does not exist yet. Load the same weights into the model *before* :func:`initialize` too:
+    DeepSpeed derives the model's working copies (bf16, or ZeRO-3 partitions) from the module it gets, and
+    the masters it builds from bf16 copies would be rounded; this call makes the masters exact.
+    ``updates`` (updates applied so far) is AdamW's step count; LAMB has no bias correction.
+    """
+    names, params, layout = _state_layout(engine)
+    optimizer = client_optimizer(engine)
+
+    def set_state(tensor: torch.Tensor, values: dict[str, torch.Tensor]) -> None:
+        state = optimizer.state[tensor]
+        state.update(values)
+        if isinstance(optimizer, torch.optim.AdamW):
+            state["step"] = torch.tensor(float(updates))
+
+    with torch.no_grad():
+        if layout is None:
+            for name, param in zip(names, params, strict=True):
+                param.copy_(weights[name])
+                set_state(
+                    param, {k: moments[k][name].to(param.device, torch.float32).clone() for k in MOMENTS}
+                )
+            return
+        for flat, fragments in layout.fragments.items():
+            buffers = {key: torch.zeros_like(flat) for key in MOMENTS}
+            for f in fragments:
+                name = names[f.index]
+                piece = slice(f.offset, f.offset + f.numel)
+                flat[f.start : f.start + f.numel] = weights[name].reshape(-1)[piece]
+                for key in MOMENTS:
+                    buffers[key][f.start : f.start + f.numel] = moments[key][name].reshape(-1)[piece]
+            set_state(flat, buffers)
+
+
+def engine_counters(engine: DeepSpeedEngine) -> dict[str, Any]:
+    """DeepSpeed's step counters, the schedule position and the fp16 loss scaler, as plain values."""
+    scaler = getattr(engine.optimizer, "loss_scaler", None)
+    return {
+        "global_steps": engine.global_steps,
+        "global_samples": engine.global_samples,
+        "skipped_steps": engine.skipped_steps,
+        "lr_scheduler": engine.lr_scheduler.state_dict(),
+        "loss_scaler": {k: getattr(scaler, k) for k in LOSS_SCALER_FIELDS if hasattr(scaler, k)},
+    }
+
+
+def restore_counters(engine: DeepSpeedEngine, counters: Mapping[str, Any]) -> None:
+    """Inverse of :func:`engine_counters`."""
+    engine.global_steps = int(counters["global_steps"])
+    engine.global_samples = int(counters["global_samples"])
+    engine.skipped_steps = int(counters["skipped_steps"])
+    engine.lr_scheduler.load_state_dict(counters["lr_scheduler"])
+    scaler = getattr(engine.optimizer, "loss_scaler", None)
+    for key, value in counters.get("loss_scaler", {}).items():
+        if scaler is not None and hasattr(scaler, key):
+            setattr(scaler, key, value)
+
+
+def grad_norm(engine: DeepSpeedEngine) -> float | None:
+    """The global gradient norm of the last update (before clipping). Without ZeRO DeepSpeed does not keep
+    it: call :func:`unpartitioned_grad_norm` before ``engine.step()`` instead."""
+    norm = engine.get_global_grad_norm()
+    return None if norm is None else float(norm)
+
+
+def unpartitioned_grad_norm(engine: DeepSpeedEngine) -> float | None:
+    """Without ZeRO, the norm of the (already averaged) gradients at an accumulation boundary; else None."""
+    if engine.optimizer is not client_optimizer(engine):
+        return None
+    grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+    if not grads:
+        return None
+    return float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))))
+
+
+def loss_scale(engine: DeepSpeedEngine) -> float:
+    """The current fp16 loss scale (1 without fp16)."""
+    scaler = getattr(engine.optimizer, "loss_scaler", None)
+    return float(getattr(scaler, "cur_scale", 1.0))
+
+
+def _import_deepspeed() -> Any:
+    """Imports deepspeed quietly: on a machine without a GPU it selects its CPU accelerator itself (instead
+    of warning that it found none), and its logger reports warnings only."""
+    import logging
+    import warnings
+
+    # DeepSpeed 0.19 calls torch.distributed functions that torch has deprecated (a warning per call site).
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed\..*")
+    if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
+        os.environ["DS_ACCELERATOR"] = "cpu"
+    import deepspeed
+
+    logger = logging.getLogger("DeepSpeed")
+    logger.setLevel(logging.WARNING)
+    if not any(isinstance(f, _ExpectedWarnings) for f in logger.filters):
+        logger.addFilter(_ExpectedWarnings())
+    return deepspeed
+
+
+class _ExpectedWarnings:
+    """Drops DeepSpeed's warning that our LAMB is not on its list of ZeRO-tested optimizers: it is exact
+    under ZeRO by construction (albert_scale.optim) and the multi-process tests prove it."""
+
+    def filter(self, record: Any) -> bool:
+        return "untested optimizer" not in record.getMessage()
 
 
 def _free_port() -> int:

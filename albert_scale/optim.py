@@ -260,12 +260,18 @@ class Lamb(torch.optim.Optimizer):
             _check_coverage(layout, self._params, self._names)
         self._layout = layout
 
+    skip_update = False
+    """While True, :meth:`step` changes nothing (the training loop sets it for a step whose loss is not
+    finite; the same on every rank, so the collective is skipped everywhere)."""
+
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if self.skip_update:
+            return loss
 
         work = []  # (group, tensors with a gradient, their fragments), all looked up before any update
         for group in self.param_groups:
@@ -350,6 +356,17 @@ class Lamb(torch.optim.Optimizer):
             if param is tensor:
                 return self._names[i]
         return f"flat tensor of {tensor.numel()} elements"
+
+
+class AdamW(torch.optim.AdamW):
+    """torch's AdamW with :attr:`Lamb.skip_update`: a step that can be skipped without touching the state."""
+
+    skip_update = False
+
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        if self.skip_update:
+            return None
+        return super().step(closure)
 
 
 def _views(tensor: Tensor, fragments: list[Fragment]) -> list[Tensor]:

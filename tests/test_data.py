@@ -19,8 +19,6 @@ from albert_scale.data import (
     crop_pair,
     phases,
 )
-from data_pipeline import preprocess
-from data_pipeline.corpora import fetch_corpus
 from data_pipeline.shards import MANIFEST
 
 pytestmark = pytest.mark.multiprocess  # the shards are made through a local Ray
@@ -29,31 +27,9 @@ SEQ = 64
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
+def shards(tiny_shards) -> Path:
     """Real shards: gensim's Lee corpus through the preprocessing pipeline (tiny config, seq 64)."""
-    import ray
-
-    root = tmp_path_factory.mktemp("data")
-    corpus = fetch_corpus("lee", output_dir=root, progress=False, log=lambda message: None).jsonl
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
-    try:
-        code = preprocess.main(
-            [
-                "--config",
-                "tiny",
-                "--quiet",
-                "--input",
-                str(corpus),
-                "--output",
-                str(root / "shards"),
-                "preprocess.shard_rows=300",
-                "preprocess.validation_fraction=0.05",
-            ]
-        )
-    finally:
-        ray.shutdown()
-    assert code == 0
-    return root / "shards"
+    return tiny_shards
 
 
 def loader(
