@@ -29,13 +29,16 @@ $(STAMP): pyproject.toml requirements-lock.txt
 	touch $(STAMP)
 
 # The main job, as far as it is built: fetch two real corpora, preprocess them with a local Ray into a
-# SentencePiece model and Arrow shards (data/quickstart), and print the quickstart training plan.
+# SentencePiece model and Arrow shards (data/quickstart), print the quickstart training plan, and train
+# its first 60 steps into runs/quickstart (run it again and training continues from the checkpoint).
 run: install
 	$(BIN)/albert-scale corpus fetch news --output data/corpora
 	$(BIN)/albert-scale corpus fetch wiki --output data/corpora
 	$(BIN)/albert-scale preprocess --config quickstart --output data/quickstart \
 		--input data/corpora/news.jsonl data/corpora/wiki.jsonl
 	$(BIN)/albert-scale plan --config quickstart
+	$(BIN)/albert-scale train --config quickstart --data data/quickstart --output runs/quickstart \
+		--stop-at-step 60 train.log_every=10
 
 lint: install
 	$(BIN)/ruff check .

@@ -37,23 +37,31 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def train(*args: str, ranks: int = 1, worker: list[str] | None = None, check: bool = True):
-    """Runs ``albert-scale train ARGS`` (in a world of one, or on ``ranks`` CPU ranks under deepspeed)."""
+def train(
+    *args: str,
+    ranks: int = 1,
+    launcher: str = "deepspeed",
+    worker: list[str] | None = None,
+    check: bool = True,
+):
+    """Runs ``albert-scale train ARGS``: in a world of one, or on ``ranks`` CPU ranks under ``deepspeed``
+    (the console script) or ``torchrun`` (``-m albert_scale.train``)."""
     entry = [str(BIN / "albert-scale"), "train"]
     if worker is not None:  # the same command with a fault injected (tests/train_worker.py)
         entry = [sys.executable, str(TESTS / "train_worker.py"), *worker, "--"]
-    if ranks > 1:
-        script = entry[1] if worker is not None else entry[0]
-        rest = entry[2:] if worker is not None else entry[1:]
+    port = str(_free_port())
+    if ranks > 1 and launcher == "torchrun":
+        assert worker is None
         entry = [
-            str(BIN / "deepspeed"),
-            "--num_gpus",
-            str(ranks),
-            "--master_port",
-            str(_free_port()),
-            script,
-            *rest,
+            str(BIN / "torchrun"),
+            f"--nproc-per-node={ranks}",
+            f"--master-port={port}",
+            "-m",
+            "albert_scale.train",
         ]
+    elif ranks > 1:
+        script, rest = (entry[1], entry[2:]) if worker is not None else (entry[0], entry[1:])
+        entry = [str(BIN / "deepspeed"), "--num_gpus", str(ranks), "--master_port", port, script, *rest]
     proc = subprocess.run([*entry, *args], env=_env(), capture_output=True, text=True, timeout=280)
     if check and proc.returncode != 0:
         pytest.fail(f"train failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
@@ -204,12 +212,12 @@ def test_ten_then_ten_more_equal_twenty_straight_to_the_byte(straight, tiny_shar
 
 
 @pytest.mark.multiprocess
-@pytest.mark.parametrize("stage", [2, 3])
-def test_resume_at_another_world_size(straight, tiny_shards, tmp_path, stage):
+@pytest.mark.parametrize(("stage", "launcher"), [(2, "deepspeed"), (3, "torchrun")])
+def test_resume_at_another_world_size(straight, tiny_shards, tmp_path, stage, launcher):
     """2 ranks under ZeRO for 10 steps, then 1 process for 10 more: the weights and moments of 20 steps
     in one process without ZeRO."""
     common = ("--config", "tiny", "--data", str(tiny_shards), "--output", str(tmp_path), "--quiet")
-    train(*common, "--stop-at-step", "10", f"zero.stage={stage}", ranks=2)
+    train(*common, "--stop-at-step", "10", f"zero.stage={stage}", ranks=2, launcher=launcher)
     state = checkpoint.read_state(tmp_path / checkpoint.CHECKPOINTS / "step-00000010")
     assert state["world_size"] == 2
     train(*common, f"zero.stage={stage}")
