@@ -254,6 +254,23 @@ class ClusterConfig:
 
 
 @dataclass(frozen=True)
+class TrackingConfig:
+    """MLflow tracking of training runs (rank 0 logs; a server that is down never stops training)."""
+
+    enabled: bool = True
+    """Log the run to MLflow (metrics.jsonl in the run directory is written either way)."""
+    uri: str = ""
+    """Tracking URI; empty = MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working directory."""
+    experiment: str = "albert-scale"
+    """MLflow experiment of the run."""
+    system_metrics: bool = True
+    """Also log CPU, memory, disk, network and GPU use of the node."""
+
+    def __post_init__(self) -> None:
+        _require(bool(self.experiment.strip()), "experiment", self.experiment, "must not be empty")
+
+
+@dataclass(frozen=True)
 class Config:
     """A whole run. Each section goes only to the code that owns it."""
 
@@ -265,6 +282,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     zero: ZeroConfig = field(default_factory=ZeroConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -46,9 +46,11 @@ from albert_scale.config import Config, ConfigError, check, load_config
 from albert_scale.data import Cursor, EvalSet, Phase, PretrainingLoader, ShardedDataset, phases
 from albert_scale.flops import mfu, peak_flops, train_flops_per_sequence
 from albert_scale.model import IGNORE_INDEX, AlbertForPreTraining
+from albert_scale.tracking import MlflowTracker, Tracker, code_version, plot_metrics, tracking_uri
 from data_pipeline.instances import stable_hash
 
 METRICS_FILE = "metrics.jsonl"
+PLOT_FILE = "metrics.png"
 CONFIG_FILE = "config.yaml"
 DEEPSPEED_CONFIG_FILE = "deepspeed_config.json"
 
@@ -206,7 +208,10 @@ def train(
         )
         evalset = _evalset(validation, config, plan.micro_batch_size, process.rank, process.world_size)
         start = resumed.step if resumed else 0
-        metrics_log = MetricsLog(output / METRICS_FILE if rank0 else None, truncate_after=start)
+        tracker = open_tracker(config, output, dataset, process, warn) if rank0 else Tracker()
+        metrics_log = MetricsLog(
+            output / METRICS_FILE if rank0 else None, truncate_after=start, tracker=tracker
+        )
         loop = Loop(config, engine, loader, evalset, process, metrics_log, say)
         if resumed:
             say(
@@ -218,9 +223,55 @@ def train(
                 f"({process.device.type}), global batch {plan.global_batch_size}, "
                 f"{plan.gradient_accumulation_steps} micro-batch(es) of {plan.micro_batch_size} per rank"
             )
-        return loop.run(start, stop_at_step=stop_at_step, output=output)
+        status = "FAILED"
+        try:
+            result = loop.run(start, stop_at_step=stop_at_step, output=output)
+            status = "FINISHED" if result.step >= config.schedule.total_steps else "KILLED"
+        finally:
+            if rank0:
+                plot = (
+                    plot_metrics(output / METRICS_FILE, output / PLOT_FILE)
+                    if (output / METRICS_FILE).exists()
+                    else None
+                )
+                if plot is not None:
+                    tracker.log_artifact(plot)
+            tracker.close(status)
+        return result
     finally:
         engine.destroy()
+
+
+def open_tracker(config: Config, output: Path, dataset: ShardedDataset, process: Any, warn) -> Tracker:
+    """The MLflow run of this job (rank 0), with its parameters, tags and input artifacts."""
+    if not config.tracking.enabled:
+        return Tracker()
+    from data_pipeline.shards import MANIFEST
+    from data_pipeline.tokenizer import MODEL_FILENAME
+
+    tracker = MlflowTracker(
+        run_dir=output,
+        experiment=config.tracking.experiment,
+        run_name=output.resolve().name,
+        params=_flatten(config.to_dict()),
+        tags={
+            "albert_scale.code": code_version(),
+            "albert_scale.data_manifest_sha256": _manifest_sha256(dataset),
+            "albert_scale.data": str(dataset.directory.resolve()),
+            "albert_scale.world_size": str(process.world_size),
+            "albert_scale.device": process.device.type,
+            "albert_scale.precision": config.train.precision,
+            "albert_scale.run_dir": str(output.resolve()),
+        },
+        uri=tracking_uri(config.tracking.uri),
+        say=warn,
+        system_metrics=config.tracking.system_metrics,
+    )
+    tracker.log_artifact(output / CONFIG_FILE)
+    tracker.log_artifact(output / DEEPSPEED_CONFIG_FILE)
+    tracker.log_artifact(dataset.directory / MANIFEST, "data")
+    tracker.log_artifact(dataset.directory / MODEL_FILENAME, "data")
+    return tracker
 
 
 def open_datasets(directory: Path, config: Config) -> tuple[ShardedDataset, ShardedDataset | None]:
@@ -268,11 +319,12 @@ def check_resume(resumed: checkpoint.Checkpoint, config: Config, dataset: Sharde
 
 
 class MetricsLog:
-    """``metrics.jsonl`` on rank 0: one JSON record per log interval or evaluation. On resume, records
-    after the checkpoint's step (written by the run that died) are dropped first."""
+    """``metrics.jsonl`` on rank 0: one JSON record per log interval or evaluation, also sent to the
+    tracker. On resume, records after the checkpoint's step (written by the run that died) are dropped."""
 
-    def __init__(self, path: Path | None, *, truncate_after: int):
+    def __init__(self, path: Path | None, *, truncate_after: int, tracker: Tracker | None = None):
         self.path = path
+        self.tracker = tracker or Tracker()
         if path is None or not path.exists():
             return
         kept = [
@@ -283,6 +335,7 @@ class MetricsLog:
         path.write_text("".join(line + "\n" for line in kept))
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
+        self.tracker.log_metrics(metrics, step)
         if self.path is None:
             return
         record = {"step": step, **{k: v if math.isfinite(v) else None for k, v in metrics.items()}}

@@ -1,0 +1,289 @@
+"""MLflow tracking of a training run: one run per job, from rank 0, never in the way of training.
+
+The one module that imports mlflow. :class:`MlflowTracker` sends everything from a background thread:
+the training loop only puts records on a queue. When the tracking server is down (at start or in the
+middle of a run), the failure is reported once, records wait in memory in their order, and they are
+sent when the server answers again, with a note of how many were late. Metrics are also in
+``RUN_DIR/metrics.jsonl`` in any case, so a server that never comes back loses nothing.
+
+The default tracking URI is a SQLite store in the working directory (``sqlite:///mlflow.db``, which
+serves the model registry too); ``MLFLOW_TRACKING_URI`` or ``tracking.uri`` point it at a server. A
+resumed run continues the same MLflow run (its id is kept in ``RUN_DIR/mlflow_run.json``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import re
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+DEFAULT_URI = "sqlite:///mlflow.db"
+RUN_FILE = "mlflow_run.json"
+RETRY_SECONDS = 5.0
+"""Pause between attempts to reach a tracking server that did not answer."""
+CLOSE_SECONDS = 30.0
+"""How long the end of a run waits for pending records to be sent."""
+MAX_PARAMS_PER_CALL = 100  # MLflow's limit per log_batch
+SECRET = re.compile(r"(token|password|passwd|secret|api[_-]?key|access[_-]?key|credential)", re.IGNORECASE)
+REDACTED = "***"
+
+
+class Tracker:
+    """The interface, and what ranks other than 0 use: it records nothing."""
+
+    run_id: str | None = None
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        pass
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        pass
+
+    def close(self, status: str = "FINISHED") -> None:
+        pass
+
+
+def tracking_uri(configured: str = "") -> str:
+    """``tracking.uri``, else MLFLOW_TRACKING_URI, else the SQLite store in the working directory."""
+    return configured or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+
+
+def redact(params: Mapping[str, Any]) -> dict[str, str]:
+    """Parameter values as strings, with those whose names look like secrets replaced by ``***``."""
+    return {key: REDACTED if SECRET.search(key) else str(value) for key, value in params.items()}
+
+
+def code_version() -> str:
+    """The git commit of this code when it runs from a checkout, else the package version."""
+    here = Path(__file__).resolve().parent.parent
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(here), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=False,
+        )
+        if out.returncode == 0 and re.fullmatch(r"[0-9a-f]{40}", out.stdout.strip()):
+            return out.stdout.strip()
+    except OSError:
+        pass
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return f"albert-scale {version('albert-scale')}"
+    except PackageNotFoundError:
+        return "unknown"
+
+
+class MlflowTracker(Tracker):
+    """One MLflow run for a training job; all calls return at once (a background thread sends).
+
+    ``say`` gets the one-line reports: the server unreachable (once per outage) and back again.
+    """
+
+    def __init__(
+        self,
+        *,
+        run_dir: Path,
+        experiment: str,
+        run_name: str,
+        params: Mapping[str, Any],
+        tags: Mapping[str, str],
+        uri: str,
+        say: Callable[[str], None],
+        system_metrics: bool = True,
+    ):
+        # A tracking server that does not answer must not hold the thread for minutes: no HTTP retries
+        # inside MLflow (this class retries), and a short timeout. Only where the user set nothing.
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+        import logging
+
+        from mlflow import MlflowClient
+
+        logging.getLogger("mlflow").setLevel(logging.WARNING)  # no INFO lines about tables and monitors
+
+        self.uri = uri
+        self.client = MlflowClient(tracking_uri=uri)
+        self.run_file = Path(run_dir) / RUN_FILE
+        self.experiment = experiment
+        self.run_name = run_name
+        self.params = redact(params)
+        self.tags = dict(tags)
+        self.say = say
+        self.system_metrics = system_metrics
+        self.monitor: Any = None
+        self.run_id = self._saved_run_id()
+        self.resumed = self.run_id is not None
+        self.backlog: list[tuple[str, Any]] = []
+        self.queue: queue.Queue[tuple[str, Any]] = queue.Queue()
+        self.failing_since: float | None = None
+        self.late = 0
+        self.done = threading.Event()
+        self._try(self._start)  # at once when the server answers, so the run id is known from the start
+        self.thread = threading.Thread(target=self._work, name="mlflow-tracker", daemon=True)
+        self.thread.start()
+
+    # --- the loop's side: enqueue and return --------------------------------------------------------------
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        stamp = int(time.time() * 1000)
+        self.queue.put(("metrics", (dict(metrics), step, stamp)))
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        self.queue.put(("artifact", (str(path), artifact_path)))
+
+    def close(self, status: str = "FINISHED") -> None:
+        """Ends the run; waits up to :data:`CLOSE_SECONDS` for pending records, then reports what is left."""
+        self.queue.put(("end", status))
+        self.done.wait(CLOSE_SECONDS)
+        left = len(self.backlog) + self.queue.qsize()
+        if left:
+            self.say(
+                f"MLflow at {self.uri} did not take {left} pending record(s) before the end; the metrics are "
+                f"in metrics.jsonl and the run can be logged again by rerunning when the server is up"
+            )
+        if self.monitor is not None:
+            self.monitor.finish()
+
+    # --- the thread's side ----------------------------------------------------------------------------------
+
+    def _work(self) -> None:
+        while True:
+            try:
+                item = self.queue.get(timeout=RETRY_SECONDS if self.backlog else None)
+                self.backlog.append(item)
+                while True:  # take whatever else is waiting, to send it in few calls
+                    self.backlog.append(self.queue.get_nowait())
+            except queue.Empty:
+                pass
+            if self.run_id is None and not self._try(self._start):
+                continue
+            while self.backlog and self._try(lambda: self._send(self.backlog[0])):
+                kind, _ = self.backlog.pop(0)
+                if kind == "end":
+                    self.done.set()
+                    return
+
+    def _try(self, action: Callable[[], None]) -> bool:
+        try:
+            action()
+        except Exception as err:  # an unreachable or failing server: keep the records, retry later
+            if self.failing_since is None:
+                self.failing_since = time.monotonic()
+                self.say(
+                    f"MLflow at {self.uri} is not reachable ({type(err).__name__}: {_first_line(err)}); "
+                    "training goes on and the records are sent when it answers again"
+                )
+            return False
+        if self.failing_since is not None:
+            outage = time.monotonic() - self.failing_since
+            self.failing_since = None
+            self.say(
+                f"MLflow at {self.uri} answers again after {outage:.0f} s; sending the records it missed"
+            )
+        return True
+
+    def _saved_run_id(self) -> str | None:
+        if not self.run_file.is_file():
+            return None
+        saved = json.loads(self.run_file.read_text())
+        return saved["run_id"] if saved.get("tracking_uri") == self.uri else None
+
+    def _start(self) -> None:
+        from mlflow.entities import Param, RunTag
+
+        if self.run_id is not None:
+            if self.resumed:  # reopen the run of the checkpoints this job resumes from
+                self.client.update_run(self.run_id, status="RUNNING")
+                self.resumed = False
+                self._start_monitor()
+            return
+        experiment = self.client.get_experiment_by_name(self.experiment)
+        experiment_id = (
+            experiment.experiment_id if experiment else self.client.create_experiment(self.experiment)
+        )
+        run = self.client.create_run(experiment_id, run_name=self.run_name, tags=self.tags)
+        self.run_id = run.info.run_id
+        params = [Param(k, v) for k, v in self.params.items()]
+        for i in range(0, len(params), MAX_PARAMS_PER_CALL):
+            self.client.log_batch(self.run_id, params=params[i : i + MAX_PARAMS_PER_CALL])
+        self.client.log_batch(self.run_id, tags=[RunTag("mlflow.runName", self.run_name)])
+        self.run_file.parent.mkdir(parents=True, exist_ok=True)
+        self.run_file.write_text(json.dumps({"run_id": self.run_id, "tracking_uri": self.uri}) + "\n")
+        self._start_monitor()
+
+    def _start_monitor(self) -> None:
+        if not self.system_metrics or self.monitor is not None:
+            return
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        interval = float(os.environ.get("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "10"))  # MLflow's variable
+        self.monitor = SystemMetricsMonitor(
+            self.run_id,
+            sampling_interval=interval,
+            node_id=socket.gethostname(),
+            tracking_uri=self.uri,
+            resume_logging=True,
+        )
+        self.monitor.start()
+
+    def _send(self, item: tuple[str, Any]) -> None:
+        from mlflow.entities import Metric
+
+        kind, payload = item
+        if kind == "metrics":
+            metrics, step, stamp = payload
+            batch = [Metric(k, float(v), stamp, step) for k, v in metrics.items() if v is not None and v == v]
+            self.client.log_batch(self.run_id, metrics=batch)
+        elif kind == "artifact":
+            path, artifact_path = payload
+            self.client.log_artifact(self.run_id, path, artifact_path)
+        elif kind == "end":
+            self.client.set_terminated(self.run_id, status=payload)
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0][:200] if text else ""
+
+
+def plot_metrics(metrics_file: Path, output: Path) -> Path | None:
+    """A PNG of the training loss, the evaluation losses and the throughput over the steps."""
+    records = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
+    train = [r for r in records if r.get("train/loss") is not None]
+    evals = [r for r in records if r.get("eval/loss") is not None]
+    if not train and not evals:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (losses, speed) = plt.subplots(1, 2, figsize=(11, 4))
+    if train:
+        losses.plot([r["step"] for r in train], [r["train/loss"] for r in train], label="train loss")
+    if evals:
+        steps = [r["step"] for r in evals]
+        losses.plot(steps, [r["eval/mlm_loss"] for r in evals], "o-", label="eval MLM loss")
+        losses.plot(steps, [r["eval/sop_loss"] for r in evals], "s-", label="eval SOP loss")
+    losses.set_xlabel("step")
+    losses.set_title("loss")
+    losses.legend()
+    if train:
+        speed.plot([r["step"] for r in train], [r["perf/tokens_per_s"] for r in train])
+    speed.set_xlabel("step")
+    speed.set_title("tokens / s")
+    figure.tight_layout()
+    figure.savefig(output, dpi=100)
+    plt.close(figure)
+    return output
