@@ -209,9 +209,12 @@ class MlflowTracker(Tracker):
                 self._start_monitor()
             return
         experiment = self.client.get_experiment_by_name(self.experiment)
-        experiment_id = (
-            experiment.experiment_id if experiment else self.client.create_experiment(self.experiment)
-        )
+        if experiment is not None:
+            experiment_id = experiment.experiment_id
+        else:
+            experiment_id = self.client.create_experiment(
+                self.experiment, artifact_location=_artifact_location(self.uri)
+            )
         run = self.client.create_run(experiment_id, run_name=self.run_name, tags=self.tags)
         self.run_id = run.info.run_id
         params = [Param(k, v) for k, v in self.params.items()]
@@ -250,6 +253,14 @@ class MlflowTracker(Tracker):
             self.client.log_artifact(self.run_id, path, artifact_path)
         elif kind == "end":
             self.client.set_terminated(self.run_id, status=payload)
+
+
+def _artifact_location(uri: str) -> str | None:
+    """With a SQLite store, artifacts go to ``mlruns`` beside the database file (MLflow would put them
+    under the working directory); with a server, where the server says."""
+    if uri.startswith("sqlite:///"):
+        return (Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlruns").as_uri()
+    return None
 
 
 def _first_line(err: BaseException) -> str:
