@@ -5,6 +5,7 @@ Layout::
     RUN_DIR/checkpoints/step-00000120/
         model.safetensors       fp32 master weights, one whole tensor per parameter (transformers' names)
         optimizer.safetensors   the optimizer moments, ``exp_avg/NAME`` and ``exp_avg_sq/NAME``
+        spiece.model            the tokenizer of the training data (so that a checkpoint exports alone)
         state.json              step, data cursor, DeepSpeed's counters and schedule, fp16 loss scaler,
                                 resolved config, dataset fingerprint, world size, sha256 of both files
 
@@ -79,10 +80,12 @@ def write(
     moments: Mapping[str, Mapping[str, torch.Tensor]],
     state: Mapping[str, Any],
     keep: int,
+    files: Mapping[str, bytes] | None = None,
 ) -> Path:
     """Writes the checkpoint of ``step`` atomically and keeps the newest ``keep``; returns its path.
 
-    Called on rank 0 only. A leftover temporary directory (a write that was killed) is removed.
+    ``files`` are small files stored alongside (the tokenizer), checksummed like the tensors. Called on
+    rank 0 only. A leftover temporary directory (a write that was killed) is removed.
     """
     root = Path(run_dir) / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
@@ -96,11 +99,13 @@ def write(
             f"{key}/{name}": t.contiguous() for key, tensors in moments.items() for name, t in tensors.items()
         }
         save_file(flat, str(tmp / OPTIMIZER_FILE))
+        for name, data in (files or {}).items():
+            (tmp / name).write_bytes(data)
         record = {
             "format": FORMAT_VERSION,
             "step": step,
             **state,
-            "files": {name: sha256_file(tmp / name) for name in (MODEL_FILE, OPTIMIZER_FILE)},
+            "files": {name: sha256_file(tmp / name) for name in (MODEL_FILE, OPTIMIZER_FILE, *(files or {}))},
         }
         (tmp / STATE_FILE).write_text(json.dumps(record, indent=2) + "\n")
         _fsync_tree(tmp)

@@ -40,6 +40,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "albert_scale.train",
         "pretrain with DeepSpeed ZeRO + LAMB (one process, deepspeed or torchrun); checkpoints, auto-resume",
     ),
+    "export": (
+        "albert_scale.export",
+        "convert a checkpoint (any ZeRO stage, any world size) into a Hugging Face model directory",
+    ),
 }
 
 

@@ -36,7 +36,7 @@ is in its docstring) and the multi-process tests pin them for the installed vers
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -203,12 +203,41 @@ def _only_group(groups: Iterable[Any]) -> Any:
 
 
 class Lamb(torch.optim.Optimizer):
-    """ALBERT's LAMB (see the module docstring), with fp32 state and multi-tensor arithmetic.
+    """ALBERT's LAMB (see the module docstring), with fp32 state.
 
     Param group keys: ``lr``, ``betas``, ``eps``, ``weight_decay``, ``trust_ratio`` (False = r 1), and
     optionally ``names`` (aligned with ``params``, used in messages). Updates fp32 tensors only: under
     DeepSpeed these are its fp32 master weights, whatever the model's dtype.
+
+    A step has two phases with the all-reduce of the norms between them, and two ways to do the arithmetic:
+
+    - CPU tensors (contiguous, as parameters and DeepSpeed's flat partitions are): chunk by chunk. On CPU,
+      ``torch._foreach_*`` ops are a loop of per-tensor kernels, so the multi-tensor form would sweep all
+      parameters once per operation, each sweep larger than the cache. Instead each tensor is cut into
+      chunks of :attr:`_chunk_numel` elements, and the whole chain of the first phase runs on one chunk
+      while it is in cache: the moments in place, u into a buffer, and the squared norms of w and u of
+      every parameter fragment the chunk holds. The second phase reads u back and writes w, scaling each
+      fragment's piece by its ratio in a chunk-sized scratch tensor. That is 10 fp32 transfers per element
+      to memory (w, g, m, v read, m, v, u written; u, w read, w written) and no allocation per step.
+    - Other devices: the multi-tensor form (``torch._foreach_*``), which on CUDA is a fused kernel.
+
+    Both paths apply the same element-wise operations in the same order, so m, v, u and w get the same
+    bits, and the norm of a fragment is the same when the CPU path sees it in one chunk. A fragment that
+    spans several chunks gets its squared norm summed over its pieces: the norms, and through the ratio
+    the weights, may then differ from the other path in the last bit (fp32 rounding).
+
+    The CPU path keeps one fp32 buffer the size of each tensor for u (allocated at the first step) and
+    one scratch chunk. They hold nothing between steps, so they are not optimizer state: they live
+    outside ``self.state`` and are neither saved by :meth:`state_dict` nor read by checkpoints.
     """
+
+    _chunk_numel = 1 << 18
+    """Elements per array in a chunk of the CPU path: 1 MiB of fp32 per array, so that the chunk's five
+    arrays (w, g, m, v, u) stay in cache between operations, and few enough chunks that the per-operation
+    dispatch cost (a few microseconds) stays small against the arithmetic."""
+
+    _chunked_on_cpu = True
+    """Use the chunked path for CPU tensors; False forces the multi-tensor path everywhere (tests)."""
 
     def __init__(
         self,
@@ -225,6 +254,9 @@ class Lamb(torch.optim.Optimizer):
         self._params: list[Tensor] = []
         self._names: list[str] = []
         self._layout = PartitionLayout({}, None, partitioned=False)
+        # The CPU path's buffers for u, per tensor it updates, and its scratch chunk (see the class docstring).
+        self._update_buffers: dict[Tensor, Tensor] = {}
+        self._scratch: Tensor | None = None
         defaults = {
             "lr": lr,
             "betas": betas,
@@ -285,36 +317,29 @@ class Lamb(torch.optim.Optimizer):
             torch.zeros(2, len(self._params), device=trusted[0]["params"][0].device) if trusted else None
         )
 
-        pending = []
+        # Phase 1: moments, u and this rank's squared norms; each group leaves its phase 2 to call.
+        pending: list[Callable[[Tensor | None], None]] = []
         for group, tensors, fragments in work:
-            updates = self._direction(group, tensors)
-            views: list[Tensor] = []  # the fragments of the updates, to be scaled by their trust ratio
-            index = None
-            if group["trust_ratio"]:
-                views = [v for u, pieces in zip(updates, fragments, strict=True) for v in _views(u, pieces)]
-                weights = [v for w, pieces in zip(tensors, fragments, strict=True) for v in _views(w, pieces)]
-                index = torch.tensor([f.index for pieces in fragments for f in pieces], device=squares.device)
-                if views:
-                    squares[0].index_add_(0, index, torch.stack(torch._foreach_norm(weights)).square())
-                    squares[1].index_add_(0, index, torch.stack(torch._foreach_norm(views)).square())
-            pending.append((group, tensors, updates, views, index))
+            self._init_state(tensors)
+            if self._chunked_on_cpu and all(_chunkable(p, self.state[p]) for p in tensors):
+                pending.append(self._chunked_direction(group, tensors, fragments, squares))
+            else:
+                pending.append(self._foreach_direction(group, tensors, fragments, squares))
 
+        ratios = None
         if squares is not None:
             if self._layout.partitioned:
                 # The one collective of a step; every rank takes part, even one holding no fragment.
                 dist.all_reduce(squares, group=self._layout.process_group)
             norms = squares.sqrt()
             ratios = torch.where((norms[0] > 0) & (norms[1] > 0), norms[0] / norms[1], 1.0)
-        for group, tensors, updates, views, index in pending:
-            if views:
-                torch._foreach_mul_(views, ratios[index].unbind(0))
-            torch._foreach_add_(tensors, updates, alpha=-group["lr"])
+        # Phase 2: w -= lr r u.
+        for apply in pending:
+            apply(ratios)
         return loss
 
-    def _direction(self, group: dict[str, Any], tensors: list[Tensor]) -> list[Tensor]:
-        """Updates the moments of ``tensors`` and returns u = m / (sqrt(v) + eps) + wd w for each."""
-        beta1, beta2 = group["betas"]
-        grads, exp_avgs, exp_avg_sqs = [], [], []
+    def _init_state(self, tensors: list[Tensor]) -> None:
+        """Checks ``tensors`` and their gradients, and creates their moments at the first step."""
         for p in tensors:
             if p.dtype != torch.float32:
                 raise TypeError(f"{self._describe(p)}: Lamb updates fp32 tensors, got {p.dtype}")
@@ -324,21 +349,129 @@ class Lamb(torch.optim.Optimizer):
             if not state:
                 state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            grads.append(p.grad if p.grad.dtype == torch.float32 else p.grad.float())
-            exp_avgs.append(state["exp_avg"])
-            exp_avg_sqs.append(state["exp_avg_sq"])
+
+    def _foreach_direction(
+        self,
+        group: dict[str, Any],
+        tensors: list[Tensor],
+        fragments: list[list[Fragment]],
+        squares: Tensor | None,
+    ) -> Callable[[Tensor | None], None]:
+        """Multi-tensor path, phase 1: updates the moments, computes u = m / (sqrt(v) + eps) + wd w for
+        every tensor (new tensors) and adds the squared norms of w and u per fragment to ``squares``.
+        Returns phase 2, which takes the trust ratios."""
+        beta1, beta2 = group["betas"]
+        grads = [p.grad if p.grad.dtype == torch.float32 else p.grad.float() for p in tensors]
+        exp_avgs = [self.state[p]["exp_avg"] for p in tensors]
+        exp_avg_sqs = [self.state[p]["exp_avg_sq"] for p in tensors]
 
         torch._foreach_mul_(exp_avgs, beta1)
         torch._foreach_add_(exp_avgs, grads, alpha=1.0 - beta1)
         torch._foreach_mul_(exp_avg_sqs, beta2)
         torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta2)
-        denominators = torch._foreach_sqrt(exp_avg_sqs)
-        torch._foreach_add_(denominators, group["eps"])
-        updates = torch._foreach_div(exp_avgs, denominators)
-        del denominators
+        updates = torch._foreach_sqrt(exp_avg_sqs)
+        torch._foreach_add_(updates, group["eps"])
+        updates = torch._foreach_div(exp_avgs, updates)
         if group["weight_decay"]:
             torch._foreach_add_(updates, tensors, alpha=group["weight_decay"])
-        return updates
+
+        views: list[Tensor] = []  # the fragments of the updates, to be scaled by their trust ratio
+        index = None
+        if group["trust_ratio"]:
+            views = [v for u, pieces in zip(updates, fragments, strict=True) for v in _views(u, pieces)]
+            weights = [v for w, pieces in zip(tensors, fragments, strict=True) for v in _views(w, pieces)]
+            index = torch.tensor([f.index for pieces in fragments for f in pieces], device=squares.device)
+            if views:
+                squares[0].index_add_(0, index, torch.stack(torch._foreach_norm(weights)).square())
+                squares[1].index_add_(0, index, torch.stack(torch._foreach_norm(views)).square())
+
+        def apply(ratios: Tensor | None) -> None:
+            if views:
+                torch._foreach_mul_(views, ratios[index].unbind(0))
+            torch._foreach_add_(tensors, updates, alpha=-group["lr"])
+
+        return apply
+
+    def _chunked_direction(
+        self,
+        group: dict[str, Any],
+        tensors: list[Tensor],
+        fragments: list[list[Fragment]],
+        squares: Tensor | None,
+    ) -> Callable[[Tensor | None], None]:
+        """CPU path, phase 1: per chunk, updates the moments, writes u = m / (sqrt(v) + eps) + wd w into
+        the tensor's u buffer and takes the norms of w and u over the pieces of fragments in the chunk;
+        their squares are added to ``squares`` per parameter. Returns phase 2, which takes the ratios."""
+        beta1, beta2 = group["betas"]
+        eps, weight_decay, trust = group["eps"], group["weight_decay"], group["trust_ratio"]
+        updates: list[Tensor] = []
+        plans: list[list[tuple[int, int, int]]] = []  # per tensor, its (start, stop, parameter index) pieces
+        w_norms: list[Tensor] = []  # ||w|| of each piece
+        u_norms: list[Tensor] = []  # ||u|| of each piece
+        for p, pieces in zip(tensors, fragments, strict=True):
+            state = self.state[p]
+            u = self._update_buffer(p)
+            updates.append(u)
+            w, g, m, v, u = (t.view(-1) for t in (p, p.grad, state["exp_avg"], state["exp_avg_sq"], u))
+            plan: list[tuple[int, int, int]] = []
+            for start, stop, inside in _chunk_plan(w.numel(), pieces if trust else [], self._chunk_numel):
+                wc, mc, vc, uc = w[start:stop], m[start:stop], v[start:stop], u[start:stop]
+                gc = g[start:stop] if g.dtype == torch.float32 else g[start:stop].float()
+                mc.mul_(beta1).add_(gc, alpha=1.0 - beta1)
+                vc.mul_(beta2).addcmul_(gc, gc, value=1.0 - beta2)
+                torch.sqrt(vc, out=uc)
+                uc.add_(eps)
+                torch.div(mc, uc, out=uc)
+                if weight_decay:
+                    uc.add_(wc, alpha=weight_decay)
+                if inside:
+                    pieces_w = [w[a:b] for a, b, _ in inside]
+                    pieces_u = [u[a:b] for a, b, _ in inside]
+                    found = torch._foreach_norm(pieces_w + pieces_u)
+                    w_norms += found[: len(inside)]
+                    u_norms += found[len(inside) :]
+                    plan += inside
+            plans.append(plan)
+        if w_norms:
+            index = torch.tensor([i for plan in plans for _, _, i in plan], device=squares.device)
+            squares[0].index_add_(0, index, torch.stack(w_norms).square())
+            squares[1].index_add_(0, index, torch.stack(u_norms).square())
+
+        def apply(ratios: Tensor | None) -> None:
+            lr = group["lr"]
+            if not trust:
+                for p, u in zip(tensors, updates, strict=True):
+                    p.add_(u, alpha=-lr)
+                return
+            ratio = ratios.unbind(0)
+            scratch = self._scratch_chunk()
+            for p, u, plan in zip(tensors, updates, plans, strict=True):
+                w, u = p.view(-1), u.view(-1)
+                done = 0
+                for start, stop, i in plan:
+                    if done < start:  # elements outside every fragment (ZeRO padding): r = 1
+                        w[done:start].add_(u[done:start], alpha=-lr)
+                    scaled = torch.mul(u[start:stop], ratio[i], out=scratch[: stop - start])
+                    w[start:stop].add_(scaled, alpha=-lr)
+                    done = stop
+                if done < w.numel():
+                    w[done:].add_(u[done:], alpha=-lr)
+
+        return apply
+
+    def _update_buffer(self, tensor: Tensor) -> Tensor:
+        """The CPU path's buffer for u of ``tensor``, allocated once."""
+        buffer = self._update_buffers.get(tensor)
+        if buffer is None or buffer.shape != tensor.shape:
+            buffer = torch.empty_like(tensor, memory_format=torch.contiguous_format)
+            self._update_buffers[tensor] = buffer
+        return buffer
+
+    def _scratch_chunk(self) -> Tensor:
+        """The CPU path's scratch for one chunk of r u, allocated once."""
+        if self._scratch is None or self._scratch.numel() < self._chunk_numel:
+            self._scratch = torch.empty(self._chunk_numel)
+        return self._scratch
 
     def _fragments(self, tensor: Tensor) -> list[Fragment]:
         fragments = self._layout.fragments.get(tensor)
@@ -375,6 +508,34 @@ def _views(tensor: Tensor, fragments: list[Fragment]) -> list[Tensor]:
         return [tensor]
     flat = tensor.view(-1)
     return [flat.narrow(0, f.start, f.numel) for f in fragments]
+
+
+def _chunkable(tensor: Tensor, state: dict[str, Tensor]) -> bool:
+    """Whether the CPU path can update ``tensor``: it, its gradient and its moments are contiguous CPU
+    tensors, so that one flat range is the same elements in each."""
+    arrays = (tensor, tensor.grad, state["exp_avg"], state["exp_avg_sq"])
+    return all(t.device.type == "cpu" and t.is_contiguous() for t in arrays)
+
+
+def _chunk_plan(
+    numel: int, fragments: Sequence[Fragment], size: int
+) -> Iterator[tuple[int, int, list[tuple[int, int, int]]]]:
+    """Cuts a flat tensor of ``numel`` elements into chunks of at most ``size``: yields each chunk's
+    (start, stop, pieces), the pieces being where ``fragments`` overlap the chunk, as (start, stop,
+    parameter index) in the flat tensor, in order."""
+    ordered = sorted((f for f in fragments if f.numel > 0), key=lambda f: f.start)
+    first = 0  # the first fragment that does not end before the current chunk
+    for start in range(0, numel, size):
+        stop = min(numel, start + size)
+        while first < len(ordered) and ordered[first].start + ordered[first].numel <= start:
+            first += 1
+        pieces = []
+        k = first
+        while k < len(ordered) and ordered[k].start < stop:
+            f = ordered[k]
+            pieces.append((max(start, f.start), min(stop, f.start + f.numel), f.index))
+            k += 1
+        yield start, stop, pieces
 
 
 def _check_hyperparameters(group: dict[str, Any]) -> None:

@@ -48,6 +48,7 @@ from albert_scale.flops import mfu, peak_flops, train_flops_per_sequence
 from albert_scale.model import IGNORE_INDEX, AlbertForPreTraining
 from albert_scale.tracking import MlflowTracker, Tracker, code_version, plot_metrics, tracking_uri
 from data_pipeline.instances import stable_hash
+from data_pipeline.tokenizer import MODEL_FILENAME
 
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "metrics.png"
@@ -247,7 +248,6 @@ def open_tracker(config: Config, output: Path, dataset: ShardedDataset, process:
     if not config.tracking.enabled:
         return Tracker()
     from data_pipeline.shards import MANIFEST
-    from data_pipeline.tokenizer import MODEL_FILENAME
 
     tracker = MlflowTracker(
         run_dir=output,
@@ -536,6 +536,7 @@ class Loop:
                 moments=moments,
                 state=state,
                 keep=self.config.train.keep_checkpoints,
+                files={MODEL_FILENAME: (self.loader.dataset.directory / MODEL_FILENAME).read_bytes()},
             )
             self.say(f"checkpoint {path}")
         dist.barrier()

@@ -101,3 +101,14 @@ def check_special_ids(processor: spm.SentencePieceProcessor, name: str) -> None:
                 f"tokenizer {name!r}: {piece} has id {found}, ALBERT needs {expected_id} "
                 "(pad=0, unk=1, [CLS]=2, [SEP]=3, [MASK]=4)"
             )
+
+
+def user_defined_pieces(model_proto: bytes) -> list[str]:
+    """The user-defined symbols of a SentencePiece model (pieces always kept whole, e.g. Google's
+    ALBERT model's punctuation)."""
+    from sentencepiece import sentencepiece_model_pb2
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(model_proto)
+    user = sentencepiece_model_pb2.ModelProto.SentencePiece.USER_DEFINED
+    return [piece.piece for piece in proto.pieces if piece.type == user]
