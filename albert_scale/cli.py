@@ -44,6 +44,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "albert_scale.export",
         "convert a checkpoint (any ZeRO stage, any world size) into a Hugging Face model directory",
     ),
+    "register": (
+        "albert_scale.register",
+        "log an export as an MLflow model linked to its training run, register a version, set an alias",
+    ),
 }
 
 

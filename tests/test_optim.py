@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 import os
 import shutil
@@ -17,7 +18,7 @@ from torch import nn
 from torch.testing import assert_close
 
 from albert_scale.model import AlbertConfig, AlbertForPreTraining, count_parameters
-from albert_scale.optim import NO_DECAY_PATTERNS, Lamb, param_groups
+from albert_scale.optim import NO_DECAY_PATTERNS, Fragment, Lamb, PartitionLayout, _chunk_plan, param_groups
 
 TINY = AlbertConfig(
     vocab_size=99,
@@ -279,6 +280,163 @@ def test_a_flat_tensor_it_was_not_told_about_is_refused():
     optimizer.param_groups[0]["params"] = [flat]
     with pytest.raises(RuntimeError, match=r"attach_zero_partitions\(engine.optimizer\)"):
         optimizer.step()
+
+
+# --- parity: the CPU path (chunks) against the multi-tensor path ----------------------------------------
+
+
+def lamb_copies(model: nn.Module, *, chunk: int | None) -> tuple[nn.Module, Lamb]:
+    """A copy of ``model`` and a Lamb over it on the chunked CPU path with ``chunk`` elements per chunk
+    (None: the multi-tensor path)."""
+    twin = copy.deepcopy(model)
+    optimizer = Lamb(param_groups(twin, WEIGHT_DECAY), lr=LR)
+    if chunk is None:
+        optimizer._chunked_on_cpu = False
+    else:
+        optimizer._chunk_numel = chunk
+    return twin, optimizer
+
+
+def moments(optimizer: Lamb) -> list[torch.Tensor]:
+    return [s[k] for s in optimizer.state.values() for k in ("exp_avg", "exp_avg_sq")]
+
+
+@pytest.mark.parity
+def test_cpu_chunks_equal_multi_tensor_path_on_tiny_albert():
+    # Every tensor of the tiny model fits in one default chunk: the two paths run the same kernels on the
+    # same elements, so weights and moments are equal to the bit. With chunks of 100 elements most
+    # parameters span several chunks and their norms are sums over pieces: equal to fp32 rounding.
+    model, batches = tiny_model(), make_batches()
+    runs = {chunk: lamb_copies(model, chunk=chunk) for chunk in (None, Lamb._chunk_numel, 100)}
+    for twin, optimizer in runs.values():
+        train(twin, optimizer, batches, max_grad_norm=MAX_GRAD_NORM)
+
+    want_model, want_optimizer = runs[None]
+    want = dict(want_model.named_parameters())
+    for chunk in (Lamb._chunk_numel, 100):
+        got_model, got_optimizer = runs[chunk]
+        for name, param in got_model.named_parameters():
+            if chunk == Lamb._chunk_numel:
+                assert torch.equal(param, want[name]), name
+            else:
+                assert_close(param, want[name], rtol=1e-6, atol=1e-9, msg=lambda m, n=name: f"{n}: {m}")
+        for got, expected in zip(moments(got_optimizer), moments(want_optimizer), strict=True):
+            assert torch.equal(got, expected)  # the moments do not depend on the norms
+
+
+@pytest.mark.unit
+def test_cpu_path_keeps_its_buffers_out_of_the_state():
+    # u lives in one buffer per tensor, allocated at the first step and reused: not optimizer state, so
+    # neither state_dict() nor the checkpoints (which read exp_avg and exp_avg_sq) see it.
+    model = tiny_model()
+    optimizer = Lamb(param_groups(model, WEIGHT_DECAY), lr=LR)
+    train(model, optimizer, make_batches(1))
+    buffers = {p: b.data_ptr() for p, b in optimizer._update_buffers.items()}
+    assert set(buffers) == set(model.parameters())
+    train(model, optimizer, make_batches(2, seed=2))
+    assert {p: b.data_ptr() for p, b in optimizer._update_buffers.items()} == buffers
+    assert all(set(s) == {"exp_avg", "exp_avg_sq"} for s in optimizer.state_dict()["state"].values())
+
+
+def lay_out_flat(optimizer: Lamb, *, pad: int) -> list[tuple[list[torch.Tensor], list[torch.Tensor]]]:
+    """Makes ``optimizer`` update flat tensors, as under DeepSpeed ZeRO: each group's parameters laid end
+    to end, the trust-ratio group's cut mid-parameter into two flats (so one parameter has a fragment in
+    each) and padded with ``pad`` elements. Returns each group's (parameters, flats)."""
+    index = {id(p): i for i, p in enumerate(optimizer._params)}
+    optimizer._layout = PartitionLayout({}, None, partitioned=False)
+    layout = []
+    for group in optimizer.param_groups:
+        members, extra = group["params"], pad if group["trust_ratio"] else 0
+        whole = torch.cat([p.detach().reshape(-1) for p in members] + [torch.full((extra,), 0.5)])
+        bounds = (
+            [0, whole.numel() * 2 // 5 + 3, whole.numel()] if group["trust_ratio"] else [0, whole.numel()]
+        )
+        flats = [whole[a:b].clone().requires_grad_() for a, b in itertools.pairwise(bounds)]
+        optimizer._layout.fragments.update({flat: [] for flat in flats})
+        at = 0
+        for p in members:
+            for flat, (a, b) in zip(flats, itertools.pairwise(bounds), strict=True):
+                lo, hi = max(a, at), min(b, at + p.numel())
+                if lo < hi:
+                    optimizer._layout.fragments[flat].append(Fragment(lo - a, hi - lo, index[id(p)], lo - at))
+            at += p.numel()
+        group["params"] = flats
+        layout.append((members, flats))
+    return layout
+
+
+@pytest.mark.parity
+def test_cpu_chunks_on_a_flat_zero_like_layout():
+    # One process standing in for ZeRO (lay_out_flat). Chunks of 37 elements cut fragments, and fragments
+    # cut chunks. After 3 steps the flats hold the weights of the multi-tensor path on the same flats and
+    # of Lamb on the parameters themselves; the padding is updated alike by both paths (with r = 1).
+    model = tiny_model()
+    gen = torch.Generator().manual_seed(3)
+    grads = [[torch.randn(p.shape, generator=gen) for p in model.parameters()] for _ in range(3)]
+
+    def run(chunk: int | None, *, flat: bool) -> list[torch.Tensor]:
+        """The weights (and padding) after 3 steps, one flat tensor per parameter in the model's order."""
+        twin = copy.deepcopy(model)
+        optimizer = Lamb(param_groups(twin, WEIGHT_DECAY), lr=LR)
+        optimizer._chunked_on_cpu = chunk is not None
+        optimizer._chunk_numel = chunk or optimizer._chunk_numel
+        layout = lay_out_flat(optimizer, pad=5) if flat else []
+        for step_grads in grads:
+            for p, g in zip(twin.parameters(), step_grads, strict=True):
+                p.grad = g
+            for members, flats in layout:
+                padding = torch.ones(sum(f.numel() for f in flats) - sum(p.numel() for p in members))
+                whole = torch.cat([p.grad.reshape(-1) for p in members] + [padding])
+                for f, g in zip(flats, whole.split([f.numel() for f in flats]), strict=True):
+                    f.grad = g.clone()
+            optimizer.step()
+        if not flat:
+            return [p.detach().reshape(-1) for p in twin.parameters()]
+        pieces, padding = {}, []
+        for members, flats in layout:
+            whole = torch.cat([f.detach() for f in flats])
+            sizes = [p.numel() for p in members]
+            *weights, tail = whole.split([*sizes, whole.numel() - sum(sizes)])
+            pieces.update(zip(map(id, members), weights, strict=True))
+            padding.append(tail)
+        return [pieces[id(p)] for p in twin.parameters()] + [torch.cat(padding)]
+
+    want, foreach_flat, chunked_flat = run(None, flat=False), run(None, flat=True), run(37, flat=True)
+    assert len(chunked_flat) == len(foreach_flat) == len(want) + 1 and chunked_flat[-1].numel() == 5
+    for got, expected in zip(chunked_flat, foreach_flat, strict=True):
+        assert_close(got, expected, rtol=1e-6, atol=1e-9)
+    for got, expected in zip(chunked_flat, want, strict=False):
+        assert_close(got, expected, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.unit
+def test_chunk_plan_splits_fragments_at_chunk_boundaries():
+    fragments = [Fragment(12, 3, 2), Fragment(0, 7, 0), Fragment(7, 0, 5), Fragment(8, 4, 1)]  # gap at 7
+    plan = list(_chunk_plan(17, fragments, 5))
+    assert plan == [
+        (0, 5, [(0, 5, 0)]),
+        (5, 10, [(5, 7, 0), (8, 10, 1)]),
+        (10, 15, [(10, 12, 1), (12, 15, 2)]),
+        (15, 17, []),  # padding
+    ]
+    assert list(_chunk_plan(0, fragments, 5)) == []
+
+
+@pytest.mark.unit
+def test_non_contiguous_tensors_take_the_multi_tensor_path():
+    # The chunks are flat ranges, which need contiguous tensors; a transposed parameter is updated all the
+    # same, by the multi-tensor path, with the same result.
+    results = []
+    for chunked in (True, False):
+        weight = nn.Parameter(torch.arange(12.0).view(3, 4).t())
+        weight.grad = torch.linspace(-1, 1, 12).view(4, 3)
+        optimizer = Lamb([weight], lr=0.1, weight_decay=0.01)
+        optimizer._chunked_on_cpu = chunked
+        optimizer.step()
+        assert not optimizer._update_buffers
+        results.append(weight.detach().clone())
+    assert torch.equal(*results)
+    assert not torch.equal(results[0], torch.arange(12.0).view(3, 4).t())
 
 
 # --- multiprocess: DeepSpeed ZeRO on 2 CPU ranks over gloo ------------------------------------------------

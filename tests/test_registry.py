@@ -1,0 +1,80 @@
+"""Train -> export -> register against a real ``mlflow server``: the model version is linked to the
+training run, carries the alias and a description, and loads by alias (pipeline and download)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.multiprocess
+BIN = Path(sys.executable).parent
+LAUNCHER = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def _cli(uri: str, *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER}
+    env |= {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "MLFLOW_TRACKING_URI": uri}
+    return subprocess.run(
+        [str(BIN / "albert-scale"), *args], capture_output=True, text=True, env=env, timeout=280, cwd=cwd
+    )
+
+
+def test_register_links_the_training_run_and_loads_by_alias(
+    mlflow_server, tiny_shards, tmp_path, monkeypatch
+):
+    uri = mlflow_server.uri
+    run, export = tmp_path / "run", tmp_path / "export"
+    trained = _cli(
+        uri, "train", "--config", "tiny", "--data", str(tiny_shards), "--output", str(run), "--quiet"
+    )
+    assert trained.returncode == 0, trained.stderr
+    exported = _cli(uri, "export", "--checkpoint", str(run), "--output", str(export))
+    assert exported.returncode == 0, exported.stderr
+    done = _cli(uri, "register", "--export", str(export), "--name", "tiny-albert", "--alias", "champion")
+    assert done.returncode == 0, done.stderr
+    assert "registered tiny-albert version 1 as models:/tiny-albert@champion" in done.stdout
+    training_run = json.loads((run / "mlflow_run.json").read_text())["run_id"]
+
+    import mlflow
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    client = mlflow.MlflowClient(uri)
+    version = client.get_model_version_by_alias("tiny-albert", "champion")
+    assert version.version == "1" and version.run_id == training_run  # linked to the training run
+    assert "step 20 of 20" in version.description and "Final evaluation: eval/loss" in version.description
+    assert (
+        json.loads((export / "albert_scale_export.json").read_text())["data_manifest_sha256"]
+        in version.description
+    )
+
+    pipeline = mlflow.transformers.load_model("models:/tiny-albert@champion")
+    predictions = pipeline("the [MASK] of the state.")
+    assert len(predictions) == 5 and all("sequence" in p for p in predictions)
+    local = Path(
+        mlflow.artifacts.download_artifacts("models:/tiny-albert@champion", dst_path=str(tmp_path / "dl"))
+    )
+    assert list(local.rglob("config.json")) and list(local.rglob("model.safetensors"))
+
+    # A second registration makes version 2 and moves the alias.
+    again = _cli(uri, "register", "--export", str(export), "--name", "tiny-albert", "--alias", "champion")
+    assert again.returncode == 0, again.stderr
+    assert client.get_model_version_by_alias("tiny-albert", "champion").version == "2"
+
+    for args, message in (
+        (["--export", str(export), "--name", "tiny-albert", "--alias", "latest"], "reserved by MLflow"),
+        (["--export", str(tmp_path / "nope"), "--name", "x"], "no such directory"),
+        (["--export", str(run), "--name", "x"], "not an albert-scale export"),
+        (["--export", str(export), "--name", "bad name"], "--name 'bad name'"),
+        (
+            ["--export", str(export), "--name", "x", "--run-id", "0123456789abcdef"],
+            "--run-id 0123456789abcdef",
+        ),
+    ):
+        result = _cli(uri, "register", *args)
+        assert result.returncode == 2 and message in result.stderr, result.stderr
+        assert len([line for line in result.stderr.splitlines() if "error:" in line]) == 1
