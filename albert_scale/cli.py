@@ -48,6 +48,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "albert_scale.register",
         "log an export as an MLflow model linked to its training run, register a version, set an alias",
     ),
+    "finetune": (
+        "albert_scale.finetune",
+        "fine-tune a registered (models:/NAME@ALIAS) or exported model for classification, with baselines",
+    ),
 }
 
 

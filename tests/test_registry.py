@@ -78,3 +78,38 @@ def test_register_links_the_training_run_and_loads_by_alias(
         result = _cli(uri, "register", *args)
         assert result.returncode == 2 and message in result.stderr, result.stderr
         assert len([line for line in result.stderr.splitlines() if "error:" in line]) == 1
+
+    # Fine-tuning consumes the registered model by alias and logs its own run, linked to the version.
+    tuned = _cli(
+        uri,
+        "finetune",
+        "--model",
+        "models:/tiny-albert@champion",
+        "--task",
+        "rotten-tomatoes",
+        "--output",
+        str(tmp_path / "tuned"),
+        "epochs=1",
+        "max_train_examples=600",
+        "batch_size=64",
+    )
+    assert tuned.returncode == 0, tuned.stderr
+    assert "pretraining margin over random init" in tuned.stdout and "majority label (fresh)" in tuned.stdout
+    results = json.loads((tmp_path / "tuned" / "results.json").read_text())
+    assert results["model_version"] == "2" and results["source_run_id"] == training_run
+    assert results["train_examples"] == 600 and results["test_examples"] > 1000
+    for name in ("pretrained", "random_init", "majority"):
+        assert 0.0 <= results[name]["test_accuracy"] <= 1.0
+    tuned_run = client.get_run(results["mlflow_run_id"])
+    assert tuned_run.data.tags["albert_scale.source_model"] == "models:/tiny-albert@champion"
+    assert tuned_run.data.tags["albert_scale.source_version"] == "2"
+    assert tuned_run.data.tags["albert_scale.source_run_id"] == training_run
+    assert tuned_run.data.metrics["pretrained/final_test_accuracy"] == results["pretrained"]["test_accuracy"]
+    import transformers
+
+    assert (
+        transformers.AlbertForSequenceClassification.from_pretrained(tmp_path / "tuned" / "model").num_labels
+        == 2
+    )
+    missing = _cli(uri, "finetune", "--model", "models:/no-such-model@champion", "--task", "rotten-tomatoes")
+    assert missing.returncode == 2 and "not found in the registry" in missing.stderr, missing.stderr

@@ -1,0 +1,427 @@
+"""Fine-tune a pretrained ALBERT for sequence classification, from the MLflow registry or an export.
+
+Usage:
+    albert-scale finetune --model models:/NAME@ALIAS|models:/NAME/VERSION|EXPORT_DIR
+                          (--task rotten-tomatoes | --data FILE.jsonl) [--output DIR] [key=value ...]
+
+Downloads the model (a registry URI) or checks an export's sha256 sums (a directory), splits the labelled
+data into train and test by a hash of each text (the same split every time), fine-tunes
+``transformers.AlbertForSequenceClassification`` from the pretrained weights, and reports test accuracy
+against two baselines run beside it: the majority label, and the same architecture and recipe from
+random initialization. Logs its own MLflow run (experiment ``albert-scale-finetune``) tagged with the
+source model version and its training run. ``--task rotten-tomatoes`` is the built-in labelled corpus
+(``albert-scale corpus fetch rotten-tomatoes``); ``--data`` takes any JSONL with ``text`` and ``label``.
+
+Settings (``key=value``): epochs, batch_size, lr, weight_decay, warmup_fraction, max_seq_length,
+test_fraction, max_train_examples (0 = all), seed, baseline (true: also train from random init).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from albert_scale.cli import stage_main
+from albert_scale.config import _require, build, parse_override
+
+EXPERIMENT = "albert-scale-finetune"
+TASKS = ("rotten-tomatoes",)
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """The fine-tuning recipe (``key=value`` overrides on the command line)."""
+
+    epochs: int = 3
+    batch_size: int = 32
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    warmup_fraction: float = 0.1
+    max_seq_length: int = 128
+    test_fraction: float = 0.1
+    max_train_examples: int = 0
+    seed: int = 12345
+    baseline: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "max_seq_length"):
+            _require(getattr(self, name) >= 1, name, getattr(self, name), "must be >= 1")
+        _require(self.lr > 0, "lr", self.lr, "must be > 0")
+        _require(0 <= self.warmup_fraction < 1, "warmup_fraction", self.warmup_fraction, "must be in [0, 1)")
+        _require(0 < self.test_fraction < 1, "test_fraction", self.test_fraction, "must be in (0, 1)")
+        _require(self.max_train_examples >= 0, "max_train_examples", self.max_train_examples, "must be >= 0")
+
+
+def build_parser(prog: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="Fine-tune a pretrained ALBERT (registry URI or export directory) for text "
+        "classification; report test accuracy against the majority label and against random init.",
+        epilog="example: albert-scale finetune --model models:/albert-quickstart@candidate --task rotten-tomatoes epochs=2",
+    )
+    parser.add_argument(
+        "--model", required=True, help="models:/NAME@ALIAS, models:/NAME/VERSION or an export directory"
+    )
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--task", choices=TASKS, help="a built-in labelled corpus")
+    source.add_argument("--data", metavar="FILE.jsonl", help="JSONL with 'text' and 'label' fields")
+    parser.add_argument("--output", metavar="DIR", help="write results.json (and the fine-tuned model) here")
+    parser.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="recipe settings, e.g. epochs=2 lr=5e-5"
+    )
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    config = load_finetune_config(args.overrides)
+    results = finetune(args.model, task=args.task, data=args.data, config=config, output=args.output)
+    print(format_results(results))
+    return 0
+
+
+def load_finetune_config(overrides: list[str]) -> FinetuneConfig:
+    tree: dict[str, Any] = {}
+    for item in overrides:
+        key, value = parse_override(item)
+        tree[key] = value
+    return build(FinetuneConfig, tree, prefix="")
+
+
+@dataclass
+class Source:
+    """Where the pretrained model came from."""
+
+    uri: str
+    directory: Path
+    name: str | None = None
+    version: str | None = None
+    run_id: str | None = None
+
+
+def resolve_model(model: str, workdir: Path) -> Source:
+    """A local directory with the model's config.json and tokenizer, downloaded or checked."""
+    if model.startswith("models:/"):
+        return _from_registry(model, workdir)
+    directory = Path(model)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"--model {model!r}: no such directory (or use models:/NAME@ALIAS)")
+    from albert_scale.export import verify
+
+    verify(directory)
+    return Source(uri=str(directory.resolve()), directory=directory)
+
+
+def _from_registry(uri: str, workdir: Path) -> Source:
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    import logging
+
+    import mlflow
+
+    from albert_scale.tracking import tracking_uri
+
+    logging.getLogger("mlflow").setLevel(logging.ERROR)
+    mlflow.set_tracking_uri(tracking_uri())
+    client = mlflow.MlflowClient()
+    reference = uri.removeprefix("models:/")
+    try:
+        if "@" in reference:
+            name, alias = reference.split("@", 1)
+            version = client.get_model_version_by_alias(name, alias)
+        else:
+            name, number = reference.rsplit("/", 1)
+            version = client.get_model_version(name, number)
+        local = Path(mlflow.artifacts.download_artifacts(uri, dst_path=str(workdir)))
+    except Exception as err:
+        first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        raise ValueError(f"--model {uri}: not found in the registry at {tracking_uri()} ({first})") from None
+    configs = sorted(local.rglob("config.json"))
+    tokenizers = sorted(p.parent for p in local.rglob("tokenizer.json"))
+    if not configs or not tokenizers:
+        raise ValueError(f"--model {uri}: the registered model holds no transformers model and tokenizer")
+    directory = configs[0].parent
+    if tokenizers[0] != directory:  # the transformers flavor keeps the tokenizer in its own folder
+        for file in tokenizers[0].iterdir():
+            target = directory / file.name
+            if not target.exists():
+                target.symlink_to(file)
+    return Source(
+        uri=uri, directory=directory, name=name, version=str(version.version), run_id=version.run_id
+    )
+
+
+def load_examples(task: str | None, data: str | None) -> tuple[list[str], list[str]]:
+    """(texts, labels) of a built-in task or a JSONL file; bad lines are errors naming the line."""
+    if task is not None:
+        from data_pipeline.corpora import fetch_corpus
+
+        cache = Path(os.environ.get("ALBERT_SCALE_CACHE", Path.home() / ".cache" / "albert-scale")) / "tasks"
+        path = fetch_corpus(task, output_dir=cache, progress=False, log=lambda message: None).jsonl
+    else:
+        path = Path(data)
+        if not path.is_file():
+            raise FileNotFoundError(f"--data {data!r}: no such file")
+    texts, labels = [], []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                text, label = record["text"], record["label"]
+            except (json.JSONDecodeError, KeyError, TypeError) as err:
+                raise ValueError(
+                    f"{str(path)!r} line {number}: expected a JSON object with text and label ({err})"
+                ) from None
+            if not isinstance(text, str) or not text.strip():
+                raise ValueError(f"{str(path)!r} line {number}: 'text' must be a non-empty string")
+            texts.append(text)
+            labels.append(str(label))
+    if len(set(labels)) < 2:
+        raise ValueError(f"{str(path)!r}: needs at least two distinct labels, found {sorted(set(labels))}")
+    return texts, labels
+
+
+def split(texts: list[str], labels: list[str], fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Train and test indices by a keyed hash of each text: stable across runs and machines."""
+    from data_pipeline.instances import stable_hash, text_hash
+
+    test = [i for i, t in enumerate(texts) if stable_hash(seed, text_hash(t)) % 10_000 < fraction * 10_000]
+    chosen = set(test)
+    return [i for i in range(len(texts)) if i not in chosen], test
+
+
+def finetune(
+    model: str,
+    *,
+    task: str | None,
+    data: str | None,
+    config: FinetuneConfig,
+    output: str | None = None,
+    say=print,
+) -> dict[str, Any]:
+    """Runs the fine-tuning and its baselines; returns the results (also logged to MLflow)."""
+    import torch
+    import transformers
+
+    transformers.logging.set_verbosity_error()  # no report of the new classifier head's weights
+    texts, labels = load_examples(task, data)
+    names = sorted(set(labels))
+    label_ids = [names.index(label) for label in labels]
+    train_idx, test_idx = split(texts, labels, config.test_fraction, config.seed)
+    if config.max_train_examples:
+        train_idx = train_idx[: config.max_train_examples]
+    if not train_idx or not test_idx:
+        raise ValueError(f"test_fraction={config.test_fraction}: leaves an empty train or test split")
+    majority = Counter(label_ids[i] for i in train_idx).most_common(1)[0][0]
+    majority_accuracy = sum(label_ids[i] == majority for i in test_idx) / len(test_idx)
+
+    with tempfile.TemporaryDirectory(prefix="albert-scale-finetune-") as workdir:
+        source = resolve_model(model, Path(workdir))
+        tokenizer = transformers.AlbertTokenizer.from_pretrained(source.directory)
+        positions = transformers.AlbertConfig.from_pretrained(source.directory).max_position_embeddings
+        if config.max_seq_length > positions:
+            say(
+                f"max_seq_length={config.max_seq_length}: the model has {positions} positions; using {positions}"
+            )
+        encoded = tokenizer(texts, truncation=True, max_length=min(config.max_seq_length, positions))
+        say(
+            f"fine-tuning {source.uri} on {len(train_idx)} examples, testing on {len(test_idx)} "
+            f"({len(names)} labels: {', '.join(names)})"
+        )
+        results: dict[str, Any] = {
+            "model": source.uri,
+            "model_version": source.version,
+            "source_run_id": source.run_id,
+            "labels": names,
+            "train_examples": len(train_idx),
+            "test_examples": len(test_idx),
+            "config": asdict(config),
+            "majority": {"test_accuracy": majority_accuracy, "label": names[majority]},
+        }
+        tracker = _Run(source, config, task or str(data))
+        runs = [("pretrained", True)] + ([("random_init", False)] if config.baseline else [])
+        for label, pretrained in runs:
+            torch.manual_seed(config.seed)
+            if pretrained:
+                net = transformers.AlbertForSequenceClassification.from_pretrained(
+                    source.directory, num_labels=len(names)
+                )
+            else:
+                hf_config = transformers.AlbertConfig.from_pretrained(source.directory, num_labels=len(names))
+                net = transformers.AlbertForSequenceClassification(hf_config)
+            results[label] = _train_and_test(
+                net, encoded, label_ids, train_idx, test_idx, config, label, tracker, say
+            )
+            if pretrained and output:
+                net.save_pretrained(Path(output) / "model")
+                tokenizer.save_pretrained(Path(output) / "model")
+        results["mlflow_run_id"] = tracker.finish(results)
+    if output:
+        Path(output).mkdir(parents=True, exist_ok=True)
+        (Path(output) / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    return results
+
+
+def _train_and_test(
+    net, encoded, label_ids, train_idx, test_idx, config, label, tracker, say
+) -> dict[str, float]:
+    import torch
+
+    generator = torch.Generator().manual_seed(config.seed)
+    decay = [
+        p for n, p in net.named_parameters() if not any(k in n for k in ("LayerNorm", "layer_norm", "bias"))
+    ]
+    rest = [p for n, p in net.named_parameters() if any(k in n for k in ("LayerNorm", "layer_norm", "bias"))]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": config.weight_decay}, {"params": rest, "weight_decay": 0.0}],
+        lr=config.lr,
+    )
+    steps_per_epoch = math.ceil(len(train_idx) / config.batch_size)
+    total = steps_per_epoch * config.epochs
+    warmup = int(total * config.warmup_fraction)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda s: (s + 1) / warmup if s < warmup else max(0.0, (total - s) / max(1, total - warmup)),
+    )
+    step, started = 0, time.perf_counter()
+    for epoch in range(config.epochs):
+        net.train()
+        order = torch.randperm(len(train_idx), generator=generator).tolist()
+        losses = []
+        for start in range(0, len(order), config.batch_size):
+            batch = [train_idx[i] for i in order[start : start + config.batch_size]]
+            inputs = _collate(encoded, batch)
+            out = net(**inputs, labels=torch.tensor([label_ids[i] for i in batch]))
+            out.loss.backward()
+            torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(out.loss.item())
+            step += 1
+        accuracy = _accuracy(net, encoded, label_ids, test_idx, config.batch_size)
+        mean_loss = sum(losses) / len(losses)
+        tracker.log({f"{label}/train_loss": mean_loss, f"{label}/test_accuracy": accuracy}, epoch + 1)
+        say(
+            f"{label}: epoch {epoch + 1}/{config.epochs} train loss {mean_loss:.4f} test accuracy {accuracy:.2%} "
+            f"({time.perf_counter() - started:.0f} s)"
+        )
+    return {"test_accuracy": accuracy, "train_loss": mean_loss, "seconds": time.perf_counter() - started}
+
+
+def _collate(encoded, batch: list[int]):
+    import torch
+
+    length = max(len(encoded["input_ids"][i]) for i in batch)
+    out = {}
+    for key in ("input_ids", "token_type_ids", "attention_mask"):
+        rows = [encoded[key][i] + [0] * (length - len(encoded[key][i])) for i in batch]
+        out[key] = torch.tensor(rows)
+    return out
+
+
+def _accuracy(net, encoded, label_ids, indices, batch_size) -> float:
+    import torch
+
+    net.eval()
+    correct = 0
+    with torch.no_grad():
+        for start in range(0, len(indices), batch_size):
+            batch = indices[start : start + batch_size]
+            predicted = net(**_collate(encoded, batch)).logits.argmax(-1)
+            correct += int((predicted == torch.tensor([label_ids[i] for i in batch])).sum())
+    return correct / len(indices)
+
+
+class _Run:
+    """The fine-tuning's own MLflow run, tagged with its source; failures to log are reported, not fatal."""
+
+    def __init__(self, source: Source, config: FinetuneConfig, data: str):
+        import logging
+
+        import mlflow
+
+        from albert_scale.tracking import tracking_uri
+
+        logging.getLogger("mlflow").setLevel(logging.ERROR)
+        self.mlflow = mlflow
+        self.run_id = None
+        try:
+            mlflow.set_tracking_uri(tracking_uri())
+            experiment = mlflow.set_experiment(EXPERIMENT)
+            tags = {"albert_scale.source_model": source.uri, "albert_scale.data": data}
+            if source.version:
+                tags |= {
+                    "albert_scale.source_version": source.version,
+                    "albert_scale.source_run_id": source.run_id or "",
+                }
+            run = mlflow.MlflowClient().create_run(experiment.experiment_id, tags=tags)
+            self.run_id = run.info.run_id
+            mlflow.MlflowClient().log_batch(
+                self.run_id,
+                params=[mlflow.entities.Param(k, str(v)) for k, v in asdict(config).items()],
+            )
+        except Exception as err:
+            print(
+                f"warning: MLflow tracking unavailable ({type(err).__name__}); results are printed only",
+                file=sys.stderr,
+            )
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        if self.run_id:
+            self.mlflow.MlflowClient().log_batch(
+                self.run_id,
+                metrics=[
+                    self.mlflow.entities.Metric(k, v, int(time.time() * 1000), step)
+                    for k, v in metrics.items()
+                ],
+            )
+
+    def finish(self, results: dict[str, Any]) -> str | None:
+        if not self.run_id:
+            return None
+        client = self.mlflow.MlflowClient()
+        client.log_batch(
+            self.run_id,
+            metrics=[
+                self.mlflow.entities.Metric(
+                    f"{name}/final_test_accuracy", results[name]["test_accuracy"], int(time.time() * 1000), 0
+                )
+                for name in ("pretrained", "random_init", "majority")
+                if name in results
+            ],
+        )
+        client.log_dict(self.run_id, results, "results.json")
+        client.set_terminated(self.run_id)
+        return self.run_id
+
+
+def format_results(results: dict[str, Any]) -> str:
+    rows = [("pretrained", results["pretrained"]["test_accuracy"])]
+    if "random_init" in results:
+        rows.append(("random init, same recipe", results["random_init"]["test_accuracy"]))
+    rows.append((f"majority label ({results['majority']['label']})", results["majority"]["test_accuracy"]))
+    width = max(len(name) for name, _ in rows)
+    lines = [f"# test accuracy on {results['test_examples']} held-out examples"]
+    lines += [f"{name:<{width}}  {value:.2%}" for name, value in rows]
+    if "random_init" in results:
+        margin = results["pretrained"]["test_accuracy"] - results["random_init"]["test_accuracy"]
+        lines.append(f"pretraining margin over random init: {margin:+.2%} points")
+    if results.get("mlflow_run_id"):
+        lines.append(f"MLflow run {results['mlflow_run_id']} (experiment {EXPERIMENT})")
+    return "\n".join(lines)
+
+
+main = stage_main(run, build_parser)
+
+if __name__ == "__main__":
+    sys.exit(main())
