@@ -265,6 +265,10 @@ class TrackingConfig:
     """MLflow experiment of the run."""
     system_metrics: bool = True
     """Also log CPU, memory, disk, network and GPU use of the node."""
+    register_name: str = ""
+    """At the end of training, export to RUN_DIR/export and register it under this name (empty = no)."""
+    register_alias: str = "candidate"
+    """The alias the registered version gets."""
 
     def __post_init__(self) -> None:
         _require(bool(self.experiment.strip()), "experiment", self.experiment, "must not be empty")

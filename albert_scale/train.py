@@ -52,6 +52,7 @@ from data_pipeline.tokenizer import MODEL_FILENAME
 
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "metrics.png"
+EXPORT_DIR = "export"
 CONFIG_FILE = "config.yaml"
 DEEPSPEED_CONFIG_FILE = "deepspeed_config.json"
 
@@ -238,9 +239,32 @@ def train(
                 if plot is not None:
                     tracker.log_artifact(plot)
             tracker.close(status)
+        if rank0 and status == "FINISHED" and config.tracking.enabled and config.tracking.register_name:
+            publish(output, config, run_id=tracker.run_id, say=say, warn=warn)
         return result
     finally:
         engine.destroy()
+
+
+def publish(output: Path, config: Config, *, run_id: str | None, say, warn) -> None:
+    """Exports the final checkpoint to RUN_DIR/export and registers it (``tracking.register_name``).
+    A failure is reported with the commands that finish the job; training itself has succeeded."""
+    from albert_scale.export import export
+    from albert_scale.register import register
+
+    target = output / EXPORT_DIR
+    try:
+        export(output, target, overwrite=True, say=say)
+        done = register(
+            target, name=config.tracking.register_name, alias=config.tracking.register_alias, run_id=run_id
+        )
+    except (OSError, ValueError, RuntimeError) as err:
+        warn(
+            f"the model was trained but not registered ({err}); run: albert-scale register --export {target} "
+            f"--name {config.tracking.register_name} --alias {config.tracking.register_alias}"
+        )
+        return
+    say(f"registered {done.model_uri} (version {done.version}) from {target}")
 
 
 def open_tracker(config: Config, output: Path, dataset: ShardedDataset, process: Any, warn) -> Tracker:

@@ -113,3 +113,28 @@ def test_register_links_the_training_run_and_loads_by_alias(
     )
     missing = _cli(uri, "finetune", "--model", "models:/no-such-model@champion", "--task", "rotten-tomatoes")
     assert missing.returncode == 2 and "not found in the registry" in missing.stderr, missing.stderr
+
+
+def test_training_registers_its_model_at_the_end_when_configured(tiny_shards, tmp_path, mlflow_store):
+    run = tmp_path / "run"
+    done = _cli(
+        mlflow_store,
+        "train",
+        "--config",
+        "tiny",
+        "--data",
+        str(tiny_shards),
+        "--output",
+        str(run),
+        "tracking.register_name=tiny-auto",
+        "tracking.register_alias=champion",
+        "schedule.total_steps=6",
+        "schedule.warmup_steps=1",
+    )
+    assert done.returncode == 0, done.stderr
+    assert "registered models:/tiny-auto@champion" in done.stdout
+    import mlflow
+
+    version = mlflow.MlflowClient(mlflow_store).get_model_version_by_alias("tiny-auto", "champion")
+    assert version.run_id == json.loads((run / "mlflow_run.json").read_text())["run_id"]
+    assert json.loads((run / "export" / "albert_scale_export.json").read_text())["step"] == 6
