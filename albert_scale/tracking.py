@@ -255,6 +255,29 @@ class MlflowTracker(Tracker):
             self.client.set_terminated(self.run_id, status=payload)
 
 
+def start_node_monitor(run_id: str, uri: str) -> Any:
+    """System metrics of this node into the run (for the first rank of every node but rank 0's, whose
+    tracker has its own); returns the monitor to ``finish()``, or None when MLflow cannot be reached."""
+    import logging
+
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    interval = float(os.environ.get("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "10"))
+    try:
+        monitor = SystemMetricsMonitor(
+            run_id,
+            sampling_interval=interval,
+            node_id=socket.gethostname(),
+            tracking_uri=uri,
+            resume_logging=True,
+        )
+        monitor.start()
+    except Exception:
+        return None
+    return monitor
+
+
 def _artifact_location(uri: str) -> str | None:
     """With a SQLite store, artifacts go to ``mlruns`` beside the database file (MLflow would put them
     under the working directory); with a server, where the server says."""

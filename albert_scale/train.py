@@ -211,6 +211,7 @@ def train(
         evalset = _evalset(validation, config, plan.micro_batch_size, process.rank, process.world_size)
         start = resumed.step if resumed else 0
         tracker = open_tracker(config, output, dataset, process, warn) if rank0 else Tracker()
+        node_monitor = _node_monitor(config, process, tracker.run_id)
         metrics_log = MetricsLog(
             output / METRICS_FILE if rank0 else None, truncate_after=start, tracker=tracker
         )
@@ -239,6 +240,8 @@ def train(
                 if plot is not None:
                     tracker.log_artifact(plot)
             tracker.close(status)
+            if node_monitor is not None:
+                node_monitor.finish()
         if rank0 and status == "FINISHED" and config.tracking.enabled and config.tracking.register_name:
             publish(output, config, run_id=tracker.run_id, say=say, warn=warn)
         return result
@@ -265,6 +268,20 @@ def publish(output: Path, config: Config, *, run_id: str | None, say, warn) -> N
         )
         return
     say(f"registered {done.model_uri} (version {done.version}) from {target}")
+
+
+def _node_monitor(config: Config, process: Any, run_id: str | None) -> Any:
+    """Rank 0's run id goes to every rank (collective); the first rank of each other node then logs its
+    node's system metrics into the same run."""
+    shared = [run_id]
+    dist.broadcast_object_list(shared, src=0)
+    if process.rank == 0 or process.local_rank != 0 or shared[0] is None:
+        return None
+    if not (config.tracking.enabled and config.tracking.system_metrics):
+        return None
+    from albert_scale.tracking import start_node_monitor
+
+    return start_node_monitor(shared[0], tracking_uri(config.tracking.uri))
 
 
 def open_tracker(config: Config, output: Path, dataset: ShardedDataset, process: Any, warn) -> Tracker:
