@@ -147,12 +147,3 @@ def stopped_mlflow_server(tmp_path_factory):
         yield server
     finally:
         server.kill()
-
-
-LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-
-
-def subprocess_env(**extra: str) -> dict[str, str]:
-    """The environment for a child process of a test: no launcher variables, one thread, offline."""
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARIABLES}
-    return env | {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)} | extra

@@ -5,16 +5,14 @@ tokenizer gives SentencePiece's ids; checksums, and user errors."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import sentencepiece as spm
 import torch
+from helpers import BIN, cli, free_port, subprocess_env
 
 from albert_scale import checkpoint
 from albert_scale.config import Config, build
@@ -22,8 +20,6 @@ from albert_scale.export import EXPORT_FILE, verify, write_tokenizer
 from albert_scale.model import AlbertForPreTraining
 from data_pipeline.text import normalize
 
-BIN = Path(sys.executable).parent
-LAUNCHER = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 # Text with what tokenizers get wrong: hyphens, quotes, brackets, digits, accents, currency, dashes.
 TEXTS = [
     'A self-governed society (the "state") costs £5.',
@@ -34,24 +30,11 @@ TEXTS = [
 ]
 
 
-def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER}
-    return env | {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-
-
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [str(BIN / "albert-scale"), *args], capture_output=True, text=True, env=_env(), timeout=280
-    )
-
-
 @pytest.fixture(scope="module")
 def exported(tiny_shards, tmp_path_factory) -> tuple[Path, Path]:
     """(run directory, export): 4 steps of the tiny config on 2 ranks under ZeRO-3, then export."""
     root = tmp_path_factory.mktemp("export")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = str(s.getsockname()[1])
+    port = str(free_port())
     command = [
         str(BIN / "deepspeed"),
         "--num_gpus",
@@ -66,11 +49,11 @@ def exported(tiny_shards, tmp_path_factory) -> tuple[Path, Path]:
         [*command, *args, "--stop-at-step", "4", "zero.stage=3", "train.micro_batch_size=4"],
         capture_output=True,
         text=True,
-        env=_env(),
+        env=subprocess_env(),
         timeout=280,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    result = _cli("export", "--checkpoint", str(root / "run"), "--output", str(root / "hf"))
+    result = cli("export", "--checkpoint", str(root / "run"), "--output", str(root / "hf"))
     assert result.returncode == 0, result.stderr
     return root / "run", root / "hf"
 
@@ -204,7 +187,7 @@ def test_checksums_and_user_errors(exported, tmp_path):
         verify(copy)
 
     def one_line(*args: str) -> str:
-        result = _cli("export", *args)
+        result = cli("export", *args)
         assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1, result.stderr

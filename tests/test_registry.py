@@ -4,24 +4,17 @@ training run, carries the alias and a description, and loads by alias (pipeline 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from helpers import cli, error_lines
 
 pytestmark = pytest.mark.multiprocess
-BIN = Path(sys.executable).parent
-LAUNCHER = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
-def _cli(uri: str, *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER}
-    env |= {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "MLFLOW_TRACKING_URI": uri}
-    return subprocess.run(
-        [str(BIN / "albert-scale"), *args], capture_output=True, text=True, env=env, timeout=280, cwd=cwd
-    )
+def _cli(uri: str, *args: str) -> subprocess.CompletedProcess:
+    return cli(*args, MLFLOW_TRACKING_URI=uri)
 
 
 def test_register_links_the_training_run_and_loads_by_alias(
@@ -77,7 +70,7 @@ def test_register_links_the_training_run_and_loads_by_alias(
     ):
         result = _cli(uri, "register", *args)
         assert result.returncode == 2 and message in result.stderr, result.stderr
-        assert len([line for line in result.stderr.splitlines() if "error:" in line]) == 1
+        assert len(error_lines(result.stderr)) == 1
 
     # Fine-tuning consumes the registered model by alias and logs its own run, linked to the version.
     tuned = _cli(

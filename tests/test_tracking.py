@@ -5,25 +5,16 @@ and restarted), with the missed records sent afterwards."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+from helpers import BIN, subprocess_env
 
 from albert_scale.tracking import REDACTED, redact
 
-BIN = Path(sys.executable).parent
-
 pytestmark = pytest.mark.multiprocess
-
-
-def _env() -> dict[str, str]:
-    launcher = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-    env = {k: v for k, v in os.environ.items() if k not in launcher}
-    return env | {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 
 
 def _client(uri: str):
@@ -34,7 +25,7 @@ def _client(uri: str):
 
 def _start_training(data: Path, run: Path, uri: str, *extra: str) -> subprocess.Popen:
     args = [str(BIN / "albert-scale"), "train", "--config", "tiny", "--data", str(data), "--output", str(run)]
-    env = _env() | {"MLFLOW_TRACKING_URI": uri, "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1"}
+    env = subprocess_env(MLFLOW_TRACKING_URI=uri, MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL="1")
     return subprocess.Popen(
         [*args, *extra], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
@@ -109,7 +100,7 @@ def test_a_run_is_tracked_with_params_tags_metrics_and_artifacts(mlflow_server, 
             "--output",
             str(run),
         ],
-        env=_env() | {"MLFLOW_TRACKING_URI": mlflow_server.uri},
+        env=subprocess_env(MLFLOW_TRACKING_URI=mlflow_server.uri),
         capture_output=True,
         text=True,
         timeout=240,

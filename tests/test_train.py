@@ -4,15 +4,14 @@ size and ZeRO stage), non-finite losses, damaged checkpoints and bad input."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import BIN, free_port, subprocess_env
 from safetensors.torch import load_file, save_file
 
 from albert_scale import checkpoint
@@ -20,21 +19,8 @@ from albert_scale.fileio import sha256_file
 from albert_scale.schedule import lr_at
 
 TESTS = Path(__file__).resolve().parent
-BIN = Path(sys.executable).parent
-LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 # Gradients summed over two ranks differ from one process's in the last bits (see test_optim).
 RTOL, ATOL = 1e-5, 1e-7
-
-
-def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARIABLES}
-    return env | {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(TESTS.parent)}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def train(
@@ -49,7 +35,7 @@ def train(
     entry = [str(BIN / "albert-scale"), "train"]
     if worker is not None:  # the same command with a fault injected (tests/train_worker.py)
         entry = [sys.executable, str(TESTS / "train_worker.py"), *worker, "--"]
-    port = str(_free_port())
+    port = str(free_port())
     if ranks > 1 and launcher == "torchrun":
         assert worker is None
         entry = [
@@ -62,7 +48,7 @@ def train(
     elif ranks > 1:
         script, rest = (entry[1], entry[2:]) if worker is not None else (entry[0], entry[1:])
         entry = [str(BIN / "deepspeed"), "--num_gpus", str(ranks), "--master_port", port, script, *rest]
-    proc = subprocess.run([*entry, *args], env=_env(), capture_output=True, text=True, timeout=280)
+    proc = subprocess.run([*entry, *args], env=subprocess_env(), capture_output=True, text=True, timeout=280)
     if check and proc.returncode != 0:
         pytest.fail(f"train failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
     return proc
@@ -125,7 +111,7 @@ def test_dry_run_prints_the_plan_for_a_cluster_size():
         [str(BIN / "albert-scale"), "train", "--config", "tiny", "--dry-run", "--world-size", "2"],
         capture_output=True,
         text=True,
-        env=_env(),
+        env=subprocess_env(),
     )
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
@@ -146,7 +132,7 @@ def test_dry_run_prints_the_plan_for_a_cluster_size():
 )
 def test_usage_errors_are_one_line(args, message):
     proc = subprocess.run(
-        [str(BIN / "albert-scale"), "train", *args], capture_output=True, text=True, env=_env()
+        [str(BIN / "albert-scale"), "train", *args], capture_output=True, text=True, env=subprocess_env()
     )
     assert proc.returncode == 2
     assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
@@ -329,7 +315,9 @@ def test_sigterm_finishes_the_step_checkpoints_and_the_rerun_continues(tiny_shar
         "train.log_every=1",
         "train.eval_every=100000",
     ]
-    proc = subprocess.Popen(args, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        args, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     metrics = tmp_path / "metrics.jsonl"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and not (metrics.exists() and "train/loss" in metrics.read_text()):

@@ -1,0 +1,42 @@
+"""Helpers shared by the tests that run the command line in child processes."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """The environment of a child process: no launcher variables (a test may itself run under one), one
+    thread per process, offline, this checkout importable."""
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARIABLES}
+    return env | {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)} | extra
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cli(*args: str, timeout: float = 280, **env: str) -> subprocess.CompletedProcess:
+    """Runs ``albert-scale ARGS`` in a child process and returns it (output captured as text)."""
+    return subprocess.run(
+        [str(BIN / "albert-scale"), *args],
+        capture_output=True,
+        text=True,
+        env=subprocess_env(**env),
+        timeout=timeout,
+    )
+
+
+def error_lines(stderr: str) -> list[str]:
+    """The ``PROG: error: ...`` lines of a command's stderr."""
+    return [line for line in stderr.splitlines() if "error:" in line]
