@@ -221,6 +221,11 @@ def train(
                 f"resumed from {resumed.path} (step {start}, world size {resumed.state['world_size']} -> {process.world_size})"
             )
         else:
+            from albert_scale.schedule import rescaling_warning
+
+            note = rescaling_warning(config.train, config.schedule, config.optim)
+            if note:
+                warn(note)
             say(
                 f"training {config.schedule.total_steps} steps on {process.world_size} rank(s) "
                 f"({process.device.type}), global batch {plan.global_batch_size}, "
