@@ -196,18 +196,7 @@ def train(
         if rank0:
             _write_run_files(output, config, ds.deepspeed_config(config, world_size=process.world_size))
         cursor = Cursor.from_state_dict(resumed.state["data"]["cursor"]) if resumed else Cursor()
-        loader = PretrainingLoader(
-            dataset,
-            global_batch_size=plan.global_batch_size,
-            micro_batch_size=plan.micro_batch_size,
-            rank=process.rank,
-            world_size=process.world_size,
-            seed=config.train.seed,
-            phases=phases(config.data),
-            masked_lm_prob=config.data.masked_lm_prob,
-            static_masking=config.data.masking == "static",
-            cursor=cursor,
-        )
+        loader = make_loader(dataset, config, process, cursor)
         evalset = _evalset(validation, config, plan.micro_batch_size, process.rank, process.world_size)
         start = resumed.step if resumed else 0
         tracker = open_tracker(config, output, dataset, process, warn) if rank0 else Tracker()
@@ -318,6 +307,25 @@ def open_tracker(config: Config, output: Path, dataset: ShardedDataset, process:
     tracker.log_artifact(dataset.directory / MANIFEST, "data")
     tracker.log_artifact(dataset.directory / MODEL_FILENAME, "data")
     return tracker
+
+
+def make_loader(
+    dataset: ShardedDataset, config: Config, process: Any, cursor: Cursor | None = None
+) -> PretrainingLoader:
+    """This rank's training loader for ``config``, from ``cursor`` (default: the start)."""
+    plan = check(config, world_size=process.world_size)
+    return PretrainingLoader(
+        dataset,
+        global_batch_size=plan.global_batch_size,
+        micro_batch_size=plan.micro_batch_size,
+        rank=process.rank,
+        world_size=process.world_size,
+        seed=config.train.seed,
+        phases=phases(config.data),
+        masked_lm_prob=config.data.masked_lm_prob,
+        static_masking=config.data.masking == "static",
+        cursor=cursor or Cursor(),
+    )
 
 
 def open_datasets(directory: Path, config: Config) -> tuple[ShardedDataset, ShardedDataset | None]:

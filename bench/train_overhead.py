@@ -91,7 +91,7 @@ import torch
 
 from albert_scale import engine as ds
 from albert_scale.config import Config, ConfigError, check, load_config
-from albert_scale.data import Cursor, Phase, PretrainingLoader, ShardedDataset, phases
+from albert_scale.data import Phase, PretrainingLoader, phases
 from albert_scale.model import AlbertForPreTraining
 from albert_scale.tracking import Tracker
 from albert_scale.train import (
@@ -101,6 +101,7 @@ from albert_scale.train import (
     Loop,
     MetricsLog,
     Window,
+    make_loader,
     open_datasets,
     open_tracker,
 )
@@ -155,23 +156,6 @@ class PrebuiltLoader:
 
     def state_dict(self) -> dict[str, Any]:
         return self.source.state_dict()
-
-
-def make_loader(dataset: ShardedDataset, config: Config, process: ds.Distributed) -> PretrainingLoader:
-    """The loader ``train()`` builds for a fresh run."""
-    plan = check(config, world_size=process.world_size)
-    return PretrainingLoader(
-        dataset,
-        global_batch_size=plan.global_batch_size,
-        micro_batch_size=plan.micro_batch_size,
-        rank=process.rank,
-        world_size=process.world_size,
-        seed=config.train.seed,
-        phases=phases(config.data),
-        masked_lm_prob=config.data.masked_lm_prob,
-        static_masking=config.data.masking == "static",
-        cursor=Cursor(),
-    )
 
 
 class RealStep:
