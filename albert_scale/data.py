@@ -12,6 +12,7 @@ world size.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -91,6 +92,13 @@ class ShardedDataset:
 
     def __len__(self) -> int:
         return int(self._starts[-1])
+
+    @functools.cached_property
+    def manifest_sha256(self) -> str:
+        """sha256 of the dataset's manifest file (it names every shard's sha256 in turn)."""
+        from data_pipeline.shards import MANIFEST
+
+        return sha256_file(self.directory / MANIFEST)
 
     def instance(self, index: int) -> tuple[np.ndarray, int, int]:
         """(input_ids, segment A length, sop label) of one instance, as stored."""

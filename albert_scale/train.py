@@ -41,6 +41,7 @@ import torch
 import torch.distributed as dist
 
 from albert_scale import checkpoint
+from albert_scale import engine as ds
 from albert_scale.cli import RunStopped, add_config_arguments, stage_main
 from albert_scale.config import Config, ConfigError, check, load_config
 from albert_scale.data import Cursor, EvalSet, Phase, PretrainingLoader, ShardedDataset, phases
@@ -123,7 +124,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def dry_run(config: Config, world_size: int | None) -> int:
-    from albert_scale.engine import deepspeed_config
     from albert_scale.plan import format_summary, summarize
 
     if world_size is not None and world_size < 1:
@@ -133,7 +133,7 @@ def dry_run(config: Config, world_size: int | None) -> int:
     print(config.to_yaml().rstrip())
     print(format_summary(summarize(config, plan), config))
     print("# deepspeed config")
-    print(json.dumps(deepspeed_config(config, world_size=plan.world_size), indent=2))
+    print(json.dumps(ds.deepspeed_config(config, world_size=plan.world_size), indent=2))
     return 0
 
 
@@ -166,8 +166,6 @@ def train(
     ``schedule.total_steps``, or at ``stop_at_step``, or on SIGTERM, after finishing the step in flight).
     Raises :class:`~albert_scale.cli.RunStopped` on a non-finite loss with ``train.nonfinite=stop``.
     """
-    from albert_scale import engine as ds
-
     process = ds.init_distributed()
     rank0 = process.rank == 0
     say = (log or print) if rank0 and not quiet else (lambda message: None)
@@ -175,7 +173,7 @@ def train(
 
     dataset, validation = open_datasets(data, config)
     plan = check(config, world_size=process.world_size)
-    resumed = checkpoint.load_latest(output, warn=warn)
+    resumed = _resume_point(output, rank0=rank0, warn=warn)
     if resumed is not None:
         check_resume(resumed, config, dataset, warn=warn)
 
@@ -291,7 +289,7 @@ def open_tracker(config: Config, output: Path, dataset: ShardedDataset, process:
         params=_flatten(config.to_dict()),
         tags={
             "albert_scale.code": code_version(),
-            "albert_scale.data_manifest_sha256": _manifest_sha256(dataset),
+            "albert_scale.data_manifest_sha256": dataset.manifest_sha256,
             "albert_scale.data": str(dataset.directory.resolve()),
             "albert_scale.world_size": str(process.world_size),
             "albert_scale.device": process.device.type,
@@ -326,6 +324,17 @@ def make_loader(
         static_masking=config.data.masking == "static",
         cursor=cursor or Cursor(),
     )
+
+
+def _resume_point(output: Path, *, rank0: bool, warn) -> checkpoint.Checkpoint | None:
+    """The checkpoint to resume from (collective): rank 0 picks the newest good one, verifying its
+    checksums, and tells the others, which read that one without verifying it again."""
+    found = checkpoint.load_latest(output, warn=warn) if rank0 else None
+    chosen = [str(found.path) if found is not None else None]
+    dist.broadcast_object_list(chosen, src=0)
+    if rank0 or chosen[0] is None:
+        return found
+    return checkpoint.load(Path(chosen[0]), verify=False)
 
 
 def open_datasets(directory: Path, config: Config) -> tuple[ShardedDataset, ShardedDataset | None]:
@@ -455,8 +464,6 @@ class Loop:
 
     def train_step(self, step: int) -> tuple[list[float], float | None, float]:
         """One global step: forward/backward of this rank's micro-batches, one all-reduce, the update."""
-        from albert_scale import engine as ds
-
         engine = self.engine
         micro_batches = self.loader.micro_batches()
         first = self.process.rank * len(micro_batches)  # this rank's first micro-batch in the global batch
@@ -509,8 +516,6 @@ class Loop:
         return self.loader.accumulation * self.process.world_size
 
     def report(self, step: int, end: int, window: Window) -> dict[str, float]:
-        from albert_scale import engine as ds
-
         metrics = window.metrics(self._micro_batches_per_step())
         metrics["train/loss_scale"] = ds.loss_scale(self.engine)
         metrics["train/skipped_steps"] = float(self.engine.skipped_steps)
@@ -570,8 +575,6 @@ class Loop:
 
     def save(self, step: int, output: Path) -> Path:
         """Gathers the state (collective) and writes the checkpoint on rank 0; every rank waits for it."""
-        from albert_scale import engine as ds
-
         weights, moments = ds.gather_state(self.engine)
         path = output / checkpoint.CHECKPOINTS / checkpoint.checkpoint_name(step)
         if self.process.rank == 0:
@@ -580,7 +583,7 @@ class Loop:
                 "data": self.loader.state_dict(),
                 "engine": ds.engine_counters(self.engine),
                 "config": self.config.to_dict(),
-                "manifest_sha256": _manifest_sha256(self.loader.dataset),
+                "manifest_sha256": self.loader.dataset.manifest_sha256,
                 "rng": "reseeded per micro-batch from (train.seed, step, place in the global batch)",
             }
             path = checkpoint.write(
@@ -721,13 +724,6 @@ def _write_run_files(output: Path, config: Config, ds_config: dict[str, Any]) ->
     output.mkdir(parents=True, exist_ok=True)
     atomic_write_text(output / CONFIG_FILE, config.to_yaml())
     atomic_write_text(output / DEEPSPEED_CONFIG_FILE, json.dumps(ds_config, indent=2) + "\n")
-
-
-def _manifest_sha256(dataset: ShardedDataset) -> str:
-    from albert_scale.fileio import sha256_file
-    from data_pipeline.shards import MANIFEST
-
-    return sha256_file(dataset.directory / MANIFEST)
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
