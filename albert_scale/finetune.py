@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import os
 import sys
@@ -121,15 +122,11 @@ def resolve_model(model: str, workdir: Path) -> Source:
 
 
 def _from_registry(uri: str, workdir: Path) -> Source:
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    import logging
-
     import mlflow
 
-    from albert_scale.tracking import tracking_uri
+    from albert_scale.tracking import connect, first_line
 
-    logging.getLogger("mlflow").setLevel(logging.ERROR)
-    mlflow.set_tracking_uri(tracking_uri())
+    registry = connect(log_level=logging.ERROR)
     client = mlflow.MlflowClient()
     reference = uri.removeprefix("models:/")
     try:
@@ -141,8 +138,8 @@ def _from_registry(uri: str, workdir: Path) -> Source:
             version = client.get_model_version(name, number)
         local = Path(mlflow.artifacts.download_artifacts(uri, dst_path=str(workdir)))
     except Exception as err:
-        first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
-        raise ValueError(f"--model {uri}: not found in the registry at {tracking_uri()} ({first})") from None
+        first = first_line(err) or type(err).__name__
+        raise ValueError(f"--model {uri}: not found in the registry at {registry} ({first})") from None
     configs = sorted(local.rglob("config.json"))
     tokenizers = sorted(p.parent for p in local.rglob("tokenizer.json"))
     if not configs or not tokenizers:
@@ -346,17 +343,14 @@ class _Run:
     """The fine-tuning's own MLflow run, tagged with its source; failures to log are reported, not fatal."""
 
     def __init__(self, source: Source, config: FinetuneConfig, data: str):
-        import logging
-
         import mlflow
 
-        from albert_scale.tracking import tracking_uri
+        from albert_scale.tracking import connect
 
-        logging.getLogger("mlflow").setLevel(logging.ERROR)
         self.mlflow = mlflow
         self.run_id = None
         try:
-            mlflow.set_tracking_uri(tracking_uri())
+            connect(log_level=logging.ERROR)
             experiment = mlflow.set_experiment(EXPERIMENT)
             tags = {"albert_scale.source_model": source.uri, "albert_scale.data": data}
             if source.version:

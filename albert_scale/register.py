@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import re
 import sys
@@ -25,7 +26,7 @@ from pathlib import Path
 
 from albert_scale.cli import stage_main
 from albert_scale.export import EXPORT_FILE, verify
-from albert_scale.tracking import RUN_FILE, tracking_uri
+from albert_scale.tracking import RUN_FILE, connect, first_line
 
 DEFAULT_ALIAS = "candidate"
 MODEL_ARTIFACT = "model"
@@ -73,8 +74,11 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(export: Path, *, name: str, alias: str = DEFAULT_ALIAS, run_id: str | None = None) -> Registered:
-    """Logs, registers and aliases the export (see the module docstring)."""
+def register(
+    export: Path, *, name: str, alias: str = DEFAULT_ALIAS, run_id: str | None = None, uri: str | None = None
+) -> Registered:
+    """Logs, registers and aliases the export (see the module docstring); ``uri`` defaults to
+    :func:`~albert_scale.tracking.tracking_uri`."""
     for key, value in (("--name", name), ("--alias", alias)):
         if not _NAME.match(value):
             raise ValueError(f"{key} {value!r}: use letters, digits, '.', '_' and '-' (at most 128)")
@@ -83,24 +87,21 @@ def register(export: Path, *, name: str, alias: str = DEFAULT_ALIAS, run_id: str
     if not export.is_dir():
         raise FileNotFoundError(f"--export {str(export)!r}: no such directory")
     record = verify(export)
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the model is local; MLflow would look for a model card
-    import logging
-
     import mlflow
     import transformers
 
-    logging.getLogger("mlflow").setLevel(logging.ERROR)  # e.g. "no license information" for a local model
-    uri = tracking_uri()
-    mlflow.set_tracking_uri(uri)
+    # ERROR: not even MLflow's warning that a local model has no license information.
+    uri = connect(uri, timeout_seconds=30, log_level=logging.ERROR)
     client = mlflow.MlflowClient(uri)
     run_id = run_id or _training_run(record, uri)
     if run_id is not None:
         try:
             client.get_run(run_id)
         except Exception as err:
-            raise ValueError(f"--run-id {run_id}: no such run at {uri} ({_first_line(err)})") from None
+            raise ValueError(
+                f"--run-id {run_id}: no such run at {uri} ({first_line(err) or type(err).__name__})"
+            ) from None
     model = transformers.AlbertForMaskedLM.from_pretrained(export)
     tokenizer = transformers.AlbertTokenizer.from_pretrained(export)
     with mlflow.start_run(run_id=run_id, run_name=None if run_id else f"register-{name}") as active:
@@ -154,11 +155,6 @@ def _requirements() -> list[str]:
         f"{package}=={version(package)}"
         for package in ("torch", "transformers", "tokenizers", "sentencepiece")
     ]
-
-
-def _first_line(err: BaseException) -> str:
-    lines = str(err).strip().splitlines()
-    return lines[0][:200] if lines else type(err).__name__
 
 
 main = stage_main(run, build_parser)

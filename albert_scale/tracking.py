@@ -14,6 +14,7 @@ resumed run continues the same MLflow run (its id is kept in ``RUN_DIR/mlflow_ru
 from __future__ import annotations
 
 import json
+import logging
 import os
 import queue
 import re
@@ -102,15 +103,9 @@ class MlflowTracker(Tracker):
         say: Callable[[str], None],
         system_metrics: bool = True,
     ):
-        # A tracking server that does not answer must not hold the thread for minutes: no HTTP retries
-        # inside MLflow (this class retries), and a short timeout. Only where the user set nothing.
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
-        import logging
-
+        # A tracking server that does not answer must not hold the thread for minutes (this class retries).
+        connect(uri, timeout_seconds=10)
         from mlflow import MlflowClient
-
-        logging.getLogger("mlflow").setLevel(logging.WARNING)  # no INFO lines about tables and monitors
 
         self.uri = uri
         self.client = MlflowClient(tracking_uri=uri)
@@ -181,7 +176,7 @@ class MlflowTracker(Tracker):
             if self.failing_since is None:
                 self.failing_since = time.monotonic()
                 self.say(
-                    f"MLflow at {self.uri} is not reachable ({type(err).__name__}: {_first_line(err)}); "
+                    f"MLflow at {self.uri} is not reachable ({type(err).__name__}: {first_line(err)}); "
                     "training goes on and the records are sent when it answers again"
                 )
             return False
@@ -226,19 +221,8 @@ class MlflowTracker(Tracker):
         self._start_monitor()
 
     def _start_monitor(self) -> None:
-        if not self.system_metrics or self.monitor is not None:
-            return
-        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
-
-        interval = float(os.environ.get("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "10"))  # MLflow's variable
-        self.monitor = SystemMetricsMonitor(
-            self.run_id,
-            sampling_interval=interval,
-            node_id=socket.gethostname(),
-            tracking_uri=self.uri,
-            resume_logging=True,
-        )
-        self.monitor.start()
+        if self.system_metrics and self.monitor is None:
+            self.monitor = start_node_monitor(self.run_id, self.uri)
 
     def _send(self, item: tuple[str, Any]) -> None:
         from mlflow.entities import Metric
@@ -255,15 +239,31 @@ class MlflowTracker(Tracker):
             self.client.set_terminated(self.run_id, status=payload)
 
 
-def start_node_monitor(run_id: str, uri: str) -> Any:
-    """System metrics of this node into the run (for the first rank of every node but rank 0's, whose
-    tracker has its own); returns the monitor to ``finish()``, or None when MLflow cannot be reached."""
-    import logging
+def connect(uri: str | None = None, *, timeout_seconds: int = 120, log_level: int = logging.WARNING) -> str:
+    """Prepares this process to talk to MLflow at ``uri`` (default :func:`tracking_uri`) and returns it.
 
+    MLflow's own HTTP retries are turned off (its default backs off for minutes; callers here retry or
+    report once) and requests time out after ``timeout_seconds``, both only where the environment says
+    nothing; MLflow's logger is set to ``log_level`` (no INFO lines about tables and monitors); the URI
+    becomes mlflow's for its fluent API.
+    """
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(timeout_seconds))
+    import mlflow
+
+    logging.getLogger("mlflow").setLevel(log_level)
+    uri = uri or tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    return uri
+
+
+def start_node_monitor(run_id: str, uri: str) -> Any:
+    """System metrics of this node into the run (rank 0's tracker, and the first rank of every other
+    node); returns the monitor to ``finish()``, or None when MLflow cannot be reached."""
     from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
-    logging.getLogger("mlflow").setLevel(logging.WARNING)
-    interval = float(os.environ.get("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "10"))
+    connect(uri)
+    interval = float(os.environ.get("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "10"))  # MLflow's variable
     try:
         monitor = SystemMetricsMonitor(
             run_id,
@@ -286,7 +286,8 @@ def _artifact_location(uri: str) -> str | None:
     return None
 
 
-def _first_line(err: BaseException) -> str:
+def first_line(err: BaseException) -> str:
+    """The first line of an error's message (at most 200 characters; empty if it has none)."""
     text = str(err).strip().splitlines()
     return text[0][:200] if text else ""
 

@@ -251,7 +251,11 @@ def publish(output: Path, config: Config, *, run_id: str | None, say, warn) -> N
     try:
         export(output, target, overwrite=True, say=say)
         done = register(
-            target, name=config.tracking.register_name, alias=config.tracking.register_alias, run_id=run_id
+            target,
+            name=config.tracking.register_name,
+            alias=config.tracking.register_alias,
+            run_id=run_id,
+            uri=tracking_uri(config.tracking.uri),
         )
     except (OSError, ValueError, RuntimeError) as err:
         warn(
