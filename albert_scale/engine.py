@@ -133,6 +133,10 @@ def deepspeed_config(config: Config, *, world_size: int) -> dict[str, Any]:
     return ds
 
 
+_STARTED_HERE = False
+"""Whether this process started the current process group (see :func:`release_distributed`)."""
+
+
 @dataclass(frozen=True)
 class Distributed:
     """This process's place in the data-parallel group."""
@@ -152,9 +156,11 @@ def init_distributed() -> Distributed:
     LOCAL_RANK, MASTER_ADDR and MASTER_PORT (a free port) where they are unset, so that no MPI discovery
     is attempted. The backend is the accelerator's: nccl on CUDA, gloo on CPU.
     """
+    global _STARTED_HERE
     deepspeed = _import_deepspeed()
     from deepspeed.accelerator import get_accelerator
 
+    _STARTED_HERE = _STARTED_HERE or not dist.is_initialized()
     if not dist.is_initialized() and os.environ.get("WORLD_SIZE", "1") == "1":
         for key, value in (
             ("RANK", "0"),
@@ -176,6 +182,15 @@ def init_distributed() -> Distributed:
         world_size=dist.get_world_size(),
         device=torch.device(accelerator.device_name(local_rank)),
     )
+
+
+def release_distributed() -> None:
+    """Destroys the process group if :func:`init_distributed` started it (not one that, say, Ray Train
+    owns). A process that leaves with a gloo group alive after a collective can abort at exit."""
+    global _STARTED_HERE
+    if _STARTED_HERE and dist.is_initialized():
+        dist.destroy_process_group()
+    _STARTED_HERE = False
 
 
 def build_optimizer(model: nn.Module, *, optim: OptimConfig) -> torch.optim.Optimizer:

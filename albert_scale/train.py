@@ -165,8 +165,27 @@ def train(
     Collective: every rank calls it. Returns on every rank after the final checkpoint (at
     ``schedule.total_steps``, or at ``stop_at_step``, or on SIGTERM, after finishing the step in flight).
     Raises :class:`~albert_scale.cli.RunStopped` on a non-finite loss with ``train.nonfinite=stop``.
+    Starts the process group if no launcher or framework has, and then also ends it.
     """
     process = ds.init_distributed()
+    try:
+        return _train(
+            process, config, data=data, output=output, stop_at_step=stop_at_step, quiet=quiet, log=log
+        )
+    finally:
+        ds.release_distributed()
+
+
+def _train(
+    process: Any,
+    config: Config,
+    *,
+    data: Path,
+    output: Path,
+    stop_at_step: int | None,
+    quiet: bool,
+    log: Callable[[str], None] | None,
+) -> TrainResult:
     rank0 = process.rank == 0
     say = (log or print) if rank0 and not quiet else (lambda message: None)
     warn = (log or _stderr) if rank0 else (lambda message: None)
