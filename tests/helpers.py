@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -24,6 +25,15 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def deepspeed_command(ranks: int, script: str | Path, *args: str) -> list[str]:
+    """``deepspeed --num_gpus RANKS --master_port FREE SCRIPT ARGS``: RANKS ranks (CPU ranks over gloo on a
+    machine without a GPU) running a Python script or console script."""
+    launcher = BIN / "deepspeed"
+    if not launcher.exists():
+        launcher = Path(shutil.which("deepspeed") or "deepspeed")
+    return [str(launcher), "--num_gpus", str(ranks), "--master_port", str(free_port()), str(script), *args]
 
 
 def cli(*args: str, timeout: float = 280, **env: str) -> subprocess.CompletedProcess:

@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from helpers import deepspeed_command, subprocess_env
 
 from albert_scale.config import CONFIG_DIR, ConfigError, load_config
 from albert_scale.engine import deepspeed_config
@@ -188,21 +186,11 @@ def test_every_preset_generates_a_config(preset):
 
 # --- multiprocess: training through initialize ---------------------------------------------------------
 
-LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _run_worker(command: list[str], out: Path) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARIABLES}
-    env |= {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(TESTS.parent)}
     proc = subprocess.run(
         [*command, "--output", str(out)],
-        env=env,
+        env=subprocess_env(),
         capture_output=True,
         text=True,
         timeout=240,
@@ -218,17 +206,7 @@ def _run_worker(command: list[str], out: Path) -> dict:
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory) -> dict:
     """``tests/engine_worker.py`` under ``deepspeed --num_gpus 2`` (2 CPU ranks, gloo)."""
-    launcher = Path(sys.executable).parent / "deepspeed"
-    if not launcher.exists():
-        launcher = Path(shutil.which("deepspeed") or "deepspeed")
-    command = [
-        str(launcher),
-        "--num_gpus",
-        "2",
-        "--master_port",
-        str(_free_port()),
-        str(TESTS / "engine_worker.py"),
-    ]
+    command = deepspeed_command(2, TESTS / "engine_worker.py")
     return _run_worker(command, tmp_path_factory.mktemp("two_ranks"))
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import sentencepiece as spm
 import torch
-from helpers import BIN, cli, free_port, subprocess_env
+from helpers import BIN, cli, deepspeed_command, subprocess_env
 
 from albert_scale import checkpoint
 from albert_scale.config import Config, build
@@ -34,16 +34,7 @@ TEXTS = [
 def exported(tiny_shards, tmp_path_factory) -> tuple[Path, Path]:
     """(run directory, export): 4 steps of the tiny config on 2 ranks under ZeRO-3, then export."""
     root = tmp_path_factory.mktemp("export")
-    port = str(free_port())
-    command = [
-        str(BIN / "deepspeed"),
-        "--num_gpus",
-        "2",
-        "--master_port",
-        port,
-        str(BIN / "albert-scale"),
-        "train",
-    ]
+    command = deepspeed_command(2, BIN / "albert-scale", "train")
     args = ["--config", "tiny", "--data", str(tiny_shards), "--output", str(root / "run"), "--quiet"]
     proc = subprocess.run(
         [*command, *args, "--stop-at-step", "4", "zero.stage=3", "train.micro_batch_size=4"],

@@ -5,15 +5,12 @@ from __future__ import annotations
 import copy
 import itertools
 import math
-import os
-import shutil
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import deepspeed_command, subprocess_env
 from torch import nn
 from torch.testing import assert_close
 
@@ -423,32 +420,15 @@ def test_non_contiguous_tensors_take_the_multi_tensor_path():
 # --- multiprocess: DeepSpeed ZeRO on 2 CPU ranks over gloo ------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def zero_results(tmp_path_factory) -> dict:
     """Runs ``tests/zero_worker.py`` once on 2 ranks (every ZeRO stage in one launch) and loads what rank 0
     saved."""
-    launcher = Path(sys.executable).parent / "deepspeed"
-    if not launcher.exists():
-        launcher = Path(shutil.which("deepspeed") or "deepspeed")
     out = tmp_path_factory.mktemp("zero")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(TESTS.parent)}
-    command = [
-        str(launcher),
-        "--num_gpus",
-        str(WORLD_SIZE),
-        "--master_port",
-        str(_free_port()),
-        str(TESTS / "zero_worker.py"),
-        "--output",
-        str(out),
-    ]
-    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=270, cwd=TESTS.parent)
+    command = deepspeed_command(WORLD_SIZE, TESTS / "zero_worker.py", "--output", str(out))
+    proc = subprocess.run(
+        command, env=subprocess_env(), capture_output=True, text=True, timeout=270, cwd=TESTS.parent
+    )
     if proc.returncode != 0 or not (out / "results.pt").exists():
         pytest.fail(f"zero_worker failed ({proc.returncode}):\n{proc.stdout[-5000:]}\n{proc.stderr[-5000:]}")
     return torch.load(out / "results.pt")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import BIN, free_port, subprocess_env
+from helpers import BIN, deepspeed_command, error_lines, free_port, subprocess_env
 from safetensors.torch import load_file, save_file
 
 from albert_scale import checkpoint
@@ -35,19 +35,18 @@ def train(
     entry = [str(BIN / "albert-scale"), "train"]
     if worker is not None:  # the same command with a fault injected (tests/train_worker.py)
         entry = [sys.executable, str(TESTS / "train_worker.py"), *worker, "--"]
-    port = str(free_port())
     if ranks > 1 and launcher == "torchrun":
         assert worker is None
         entry = [
             str(BIN / "torchrun"),
             f"--nproc-per-node={ranks}",
-            f"--master-port={port}",
+            f"--master-port={free_port()}",
             "-m",
             "albert_scale.train",
         ]
     elif ranks > 1:
         script, rest = (entry[1], entry[2:]) if worker is not None else (entry[0], entry[1:])
-        entry = [str(BIN / "deepspeed"), "--num_gpus", str(ranks), "--master_port", port, script, *rest]
+        entry = deepspeed_command(ranks, script, *rest)
     proc = subprocess.run([*entry, *args], env=subprocess_env(), capture_output=True, text=True, timeout=280)
     if check and proc.returncode != 0:
         pytest.fail(f"train failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
@@ -227,7 +226,7 @@ def test_a_nonfinite_loss_stops_the_run_naming_the_step(tiny_shards, tmp_path):
         check=False,
     )
     assert proc.returncode == 2
-    errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+    errors = error_lines(proc.stderr)
     assert len(errors) == 1 and "step 3: the loss is not finite" in errors[0], proc.stderr
     assert [s for s, _ in checkpoint.list_checkpoints(tmp_path)] == [2]  # nothing after the good step
 
@@ -273,7 +272,7 @@ def test_bad_input_is_one_line(straight, tiny_shards, tmp_path):
     def fails(*args: str) -> str:
         proc = train("--data", str(tiny_shards), "--quiet", *args, check=False)
         assert proc.returncode == 2, proc.stderr
-        errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+        errors = error_lines(proc.stderr)
         assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr
         return errors[0]
 

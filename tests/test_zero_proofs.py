@@ -25,52 +25,27 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
-import socket
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import deepspeed_command, subprocess_env
 from torch.testing import assert_close
 
 TESTS = Path(__file__).resolve().parent
-LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 XXLARGE_TIMEOUT = 900
 """Seconds for the xxlarge test; its worker takes about 75 s on 2 cores (2 steps of ~25-35 s)."""
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(proof: str, out: Path, *, timeout: float) -> float:
     """``tests/proof_worker.py --proof PROOF`` under ``deepspeed --num_gpus 2`` (2 CPU ranks, gloo), with
     the environment of a fresh launch. Returns the wall-clock seconds."""
-    launcher = Path(sys.executable).parent / "deepspeed"
-    if not launcher.exists():
-        launcher = Path(shutil.which("deepspeed") or "deepspeed")
-    command = [
-        str(launcher),
-        "--num_gpus",
-        "2",
-        "--master_port",
-        str(_free_port()),
-        str(TESTS / "proof_worker.py"),
-        "--proof",
-        proof,
-        "--output",
-        str(out),
-    ]
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARIABLES}
-    env |= {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(TESTS.parent)}
+    command = deepspeed_command(2, TESTS / "proof_worker.py", "--proof", proof, "--output", str(out))
+    env = subprocess_env()
     started = time.perf_counter()
     try:
         proc = subprocess.run(
