@@ -80,7 +80,7 @@ def stage_main(
     @functools.wraps(fn)
     def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
         parser = build_parser(prog or f"python -m {fn.__module__}")
-        args = parser.parse_args(argv)
+        args = parse(parser, argv)
         try:
             return fn(args) or 0
         except USER_ERRORS as err:
@@ -93,6 +93,14 @@ def stage_main(
             return EXIT_INTERRUPTED
 
     return main
+
+
+def parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    """Parses options and positionals in any order, so that ``key=value`` overrides may come before or
+    after ``--data DIR`` and the like (a parser with a catch-all ``...`` argument parses as usual)."""
+    if any(action.nargs in (argparse.REMAINDER, argparse.PARSER) for action in parser._actions):
+        return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)
 
 
 def _report(line: str) -> None:

@@ -246,11 +246,26 @@ class ClusterConfig:
     """Where the run executes. Under a launcher (deepspeed, torchrun, Ray Train) the launcher's
     WORLD_SIZE is the data-parallel size; ``num_workers`` is the size for planning otherwise."""
 
+    backend: str = "launcher"
+    """launcher: this process, or each rank of the deepspeed/torchrun launcher that started it;
+    ray: Ray Train starts ``num_workers`` workers on a Ray cluster and restarts them after a failure."""
     num_workers: int = 1
     """Data-parallel workers (one process per GPU, or per CPU worker)."""
+    use_gpu: bool = False
+    """backend=ray: one GPU per worker (else CPU workers over gloo)."""
+    cpus_per_worker: int = 1
+    """backend=ray: CPUs reserved for each worker (its data loading and, on CPU, its compute)."""
+    address: str = ""
+    """backend=ray: the Ray cluster (``ray://HOST:10001`` or ``HOST:6379``); empty = RAY_ADDRESS, else a
+    local Ray started in this process."""
+    max_failures: int = 3
+    """backend=ray: restarts after a worker fails (each resumes from the newest checkpoint); -1 = no limit."""
 
     def __post_init__(self) -> None:
+        _require(self.backend in ("launcher", "ray"), "backend", self.backend, "must be launcher or ray")
         _require(self.num_workers >= 1, "num_workers", self.num_workers, "must be >= 1")
+        _require(self.cpus_per_worker >= 1, "cpus_per_worker", self.cpus_per_worker, "must be >= 1")
+        _require(self.max_failures >= -1, "max_failures", self.max_failures, "must be >= -1")
 
 
 @dataclass(frozen=True)

@@ -57,6 +57,16 @@ def tracking_uri(configured: str = "") -> str:
     return configured or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
 
 
+def absolute_uri(uri: str) -> str:
+    """A tracking URI that means the same from any working directory: a relative SQLite or file store is
+    made absolute; any other URI is returned as it is."""
+    for scheme in ("sqlite:///", "file:"):
+        if uri.startswith(scheme):
+            path = uri[len(scheme) :]
+            return uri if Path(path).is_absolute() else scheme + str(Path(path).resolve())
+    return uri
+
+
 def redact(params: Mapping[str, Any]) -> dict[str, str]:
     """Parameter values as strings, with those whose names look like secrets replaced by ``***``."""
     return {key: REDACTED if SECRET.search(key) else str(value) for key, value in params.items()}

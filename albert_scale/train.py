@@ -64,6 +64,10 @@ NUM_SUMS = 9
 # With train.nonfinite=skip, this many skipped steps in a row stop the run (the weights are damaged).
 MAX_SKIPS_IN_A_ROW = 10
 
+# Called on every rank after a step that logged, evaluated or saved: (step, its metrics, the checkpoint
+# written at that step or None). Ray Train's report is one.
+Reporter = Callable[[int, dict[str, float], "Path | None"], None]
+
 # Sections of the config that must not change when a run resumes (the rest may, with a note).
 FIXED_ON_RESUME = ("model", "train.global_batch_size", "train.seed", "data.masking")
 
@@ -113,6 +117,17 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--{option} is required (or use --dry-run)")
     if args.stop_at_step is not None and args.stop_at_step < 1:
         raise ValueError(f"--stop-at-step={args.stop_at_step}: must be >= 1")
+    if config.cluster.backend == "ray":
+        from cluster.ray_train import fit
+
+        fit(
+            config,
+            data=Path(args.data),
+            output=Path(args.output),
+            stop_at_step=args.stop_at_step,
+            quiet=args.quiet,
+        )
+        return 0
     train(
         config,
         data=Path(args.data),
@@ -159,18 +174,27 @@ def train(
     stop_at_step: int | None = None,
     quiet: bool = False,
     log: Callable[[str], None] | None = None,
+    report: Reporter | None = None,
 ) -> TrainResult:
     """Trains ``config`` on the dataset in ``data``; resumes from ``output`` when it holds checkpoints.
 
     Collective: every rank calls it. Returns on every rank after the final checkpoint (at
     ``schedule.total_steps``, or at ``stop_at_step``, or on SIGTERM, after finishing the step in flight).
     Raises :class:`~albert_scale.cli.RunStopped` on a non-finite loss with ``train.nonfinite=stop``.
-    Starts the process group if no launcher or framework has, and then also ends it.
+    Starts the process group if no launcher or framework has, and then also ends it. ``report``, if given,
+    is called on every rank after each step that logged, evaluated or wrote a checkpoint.
     """
     process = ds.init_distributed()
     try:
         return _train(
-            process, config, data=data, output=output, stop_at_step=stop_at_step, quiet=quiet, log=log
+            process,
+            config,
+            data=data,
+            output=output,
+            stop_at_step=stop_at_step,
+            quiet=quiet,
+            log=log,
+            report=report,
         )
     finally:
         ds.release_distributed()
@@ -185,6 +209,7 @@ def _train(
     stop_at_step: int | None,
     quiet: bool,
     log: Callable[[str], None] | None,
+    report: Reporter | None,
 ) -> TrainResult:
     rank0 = process.rank == 0
     say = (log or print) if rank0 and not quiet else (lambda message: None)
@@ -221,7 +246,7 @@ def _train(
         metrics_log = MetricsLog(
             output / METRICS_FILE if rank0 else None, truncate_after=start, tracker=tracker
         )
-        loop = Loop(config, engine, loader, evalset, process, metrics_log, say)
+        loop = Loop(config, engine, loader, evalset, process, metrics_log, say, report)
         if resumed:
             say(
                 f"resumed from {resumed.path} (step {start}, world size {resumed.state['world_size']} -> {process.world_size})"
@@ -432,8 +457,9 @@ class MetricsLog:
 class Loop:
     """The training loop's state and its pieces; :meth:`run` is the loop."""
 
-    def __init__(self, config, engine, loader, evalset, process, metrics_log, say):
+    def __init__(self, config, engine, loader, evalset, process, metrics_log, say, reporter=None):
         self.config = config
+        self.reporter = reporter
         self.engine = engine
         self.loader = loader
         self.evalset = evalset
@@ -468,13 +494,19 @@ class Loop:
                 window.add(sums, norm, lr, self.loader.phase(step - 1), self.config)
                 if bool(sums[STOP]):
                     self.stop_requested = True
+                reported: dict[str, float] = {}
+                saved = None
                 if step % train_cfg.log_every == 0 or step == end or self.stop_requested:
                     result.metrics = self.report(step, end, window)
+                    reported |= result.metrics
                     window = Window()
                 if self.evalset is not None and (step % train_cfg.eval_every == 0 or step == total):
                     result.evaluation = self.evaluate(step)
+                    reported |= result.evaluation
                 if step % train_cfg.checkpoint_every == 0 or step == end or self.stop_requested:
-                    result.checkpoint = self.save(step, output)
+                    saved = result.checkpoint = self.save(step, output)
+                if self.reporter is not None and (reported or saved is not None):
+                    self.reporter(step, reported, saved)
         finally:
             if previous is not None:
                 signal.signal(signal.SIGTERM, previous)
