@@ -19,11 +19,15 @@ install: $(STAMP)
 
 # torch first, then deepspeed without build isolation (its build imports torch; an isolated build would
 # download another, CUDA, torch), then the package and its other dependencies pinned by the lock file.
+# DeepSpeed's shared-memory collective op for CPU ranks is compiled at install (DS_BUILD_SHM_COMM=1), not
+# at the first run: a just-in-time build holds a lock in ~/.cache/torch_extensions that a process killed
+# mid-build leaves behind (every later run then waits on it), and it is rebuilt whenever another ninja
+# is first on PATH. --no-cache-dir: pip's wheel cache does not know about that build option.
 $(STAMP): pyproject.toml requirements-lock.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade "pip>=24" "setuptools>=69" wheel
 	$(PIP) install --quiet "$(TORCH_SPEC)"
-	$(PIP) install --quiet --no-build-isolation -c requirements-lock.txt deepspeed
+	DS_BUILD_SHM_COMM=1 $(PIP) install --quiet --no-cache-dir --no-build-isolation -c requirements-lock.txt deepspeed
 	$(PIP) install --quiet -c requirements-lock.txt -e ".[dev]"
 	$(BIN)/python -c "import torch, deepspeed, transformers, ray, mlflow; print('installed: torch', torch.__version__, '| deepspeed', deepspeed.__version__)"
 	touch $(STAMP)

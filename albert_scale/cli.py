@@ -38,7 +38,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "train": (
         "albert_scale.train",
-        "pretrain with DeepSpeed ZeRO + LAMB (one process, deepspeed or torchrun); checkpoints, auto-resume",
+        "pretrain with DeepSpeed ZeRO + LAMB (one process, deepspeed, torchrun or Ray Train); checkpoints, auto-resume",
     ),
     "export": (
         "albert_scale.export",
@@ -51,6 +51,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "finetune": (
         "albert_scale.finetune",
         "fine-tune a registered (models:/NAME@ALIAS) or exported model for classification, with baselines",
+    ),
+    "submit": (
+        "cluster.submit",
+        "run a step (preprocess, train, export, ...) on a Ray cluster as a Ray job; --follow streams its output",
+    ),
+    "jobs": (
+        "cluster.jobs",
+        "status, logs (--follow), stop and list of the jobs on a Ray cluster",
     ),
 }
 
