@@ -52,6 +52,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "albert_scale.finetune",
         "fine-tune a registered (models:/NAME@ALIAS) or exported model for classification, with baselines",
     ),
+    "quickstart": (
+        "albert_scale.quickstart",
+        "the whole job on embedded defaults: corpora, Ray preprocessing, pretraining, export, registry, fine-tuning",
+    ),
     "submit": (
         "cluster.submit",
         "run a step (preprocess, train, export, ...) on a Ray cluster as a Ray job; --follow streams its output",

@@ -189,7 +189,9 @@ def release_distributed() -> None:
     owns). A process that leaves with a gloo group alive after a collective can abort at exit."""
     global _STARTED_HERE
     if _STARTED_HERE and dist.is_initialized():
-        dist.destroy_process_group()
+        # Through DeepSpeed, which also drops the groups it cached, so that a later train() in this
+        # process starts afresh.
+        _import_deepspeed().comm.destroy_process_group()
     _STARTED_HERE = False
 
 

@@ -39,6 +39,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 from albert_scale import checkpoint
 from albert_scale import engine as ds
@@ -212,7 +213,7 @@ def _train(
     report: Reporter | None,
 ) -> TrainResult:
     rank0 = process.rank == 0
-    say = (log or print) if rank0 and not quiet else (lambda message: None)
+    say = (log or _stdout) if rank0 and not quiet else (lambda message: None)
     warn = (log or _stderr) if rank0 else (lambda message: None)
 
     dataset, validation = open_datasets(data, config)
@@ -247,6 +248,7 @@ def _train(
             output / METRICS_FILE if rank0 else None, truncate_after=start, tracker=tracker
         )
         loop = Loop(config, engine, loader, evalset, process, metrics_log, say, report)
+        loop.progress = rank0 and not quiet and log is None
         if resumed:
             say(
                 f"resumed from {resumed.path} (step {start}, world size {resumed.state['world_size']} -> {process.world_size})"
@@ -472,6 +474,8 @@ class Loop:
         self.peak = config.train.peak_tflops * 1e12 or peak_flops(device_name, precision)
         self.stop_requested = False
         self.nonfinite_in_a_row = 0
+        self.progress = False
+        """Show a progress bar of the steps (on a terminal only)."""
 
     def run(self, start: int, *, stop_at_step: int | None, output: Path) -> TrainResult:
         """The loop: steps, logs, evaluations and checkpoints until the end (or a stop)."""
@@ -487,10 +491,20 @@ class Loop:
         previous = signal.signal(signal.SIGTERM, self._on_sigterm) if _main_thread() else None
         window = Window()
         step = start
+        bar = tqdm(
+            total=end,
+            initial=start,
+            desc="training",
+            unit="step",
+            file=sys.stderr,
+            dynamic_ncols=True,
+            disable=None if self.progress else True,  # None: shown on a terminal only
+        )
         try:
             while step < end and not self.stop_requested:
                 sums, norm, lr = self.train_step(step)
                 step += 1
+                bar.update()
                 window.add(sums, norm, lr, self.loader.phase(step - 1), self.config)
                 if bool(sums[STOP]):
                     self.stop_requested = True
@@ -507,7 +521,10 @@ class Loop:
                     saved = result.checkpoint = self.save(step, output)
                 if self.reporter is not None and (reported or saved is not None):
                     self.reporter(step, reported, saved)
+                if "train/loss" in reported:
+                    bar.set_postfix(loss=f"{reported['train/loss']:.3f}", refresh=False)
         finally:
+            bar.close()
             if previous is not None:
                 signal.signal(signal.SIGTERM, previous)
         result.step = step
@@ -804,8 +821,12 @@ def _main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
+def _stdout(message: str) -> None:
+    tqdm.write(message)  # above the progress bar, if one is shown
+
+
 def _stderr(message: str) -> None:
-    print(f"warning: {message}", file=sys.stderr)
+    tqdm.write(f"warning: {message}", file=sys.stderr)
 
 
 main = stage_main(run, build_parser)

@@ -197,6 +197,28 @@ def test_ten_then_ten_more_equal_twenty_straight_to_the_byte(straight, tiny_shar
 
 
 @pytest.mark.multiprocess
+def test_the_python_api_trains_twice_in_one_process(straight, tiny_shards, tmp_path):
+    """train() ends the process group it started (and DeepSpeed's cached groups), so a second call in
+    the same process starts afresh; it resumes the first run to the same bytes as the command line."""
+    script = f"""
+from pathlib import Path
+from albert_scale.config import load_config
+from albert_scale.train import train
+config = load_config("tiny")
+for stop in (10, None):
+    train(config, data=Path({str(tiny_shards)!r}), output=Path({str(tmp_path)!r}), stop_at_step=stop, quiet=True)
+"""
+    proc = subprocess.run(
+        [sys.executable, "-c", script], env=subprocess_env(), capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    done = tmp_path / checkpoint.CHECKPOINTS / "step-00000020" / checkpoint.MODEL_FILE
+    assert sha256_file(done) == sha256_file(
+        straight / checkpoint.CHECKPOINTS / "step-00000020" / checkpoint.MODEL_FILE
+    )
+
+
+@pytest.mark.multiprocess
 @pytest.mark.parametrize(("stage", "launcher"), [(2, "deepspeed"), (3, "torchrun")])
 def test_resume_at_another_world_size(straight, tiny_shards, tmp_path, stage, launcher):
     """2 ranks under ZeRO for 10 steps, then 1 process for 10 more: the weights and moments of 20 steps
