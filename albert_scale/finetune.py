@@ -31,6 +31,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from tqdm import tqdm
+
 from albert_scale.cli import stage_main
 from albert_scale.config import _require, build, parse_override
 
@@ -290,6 +292,7 @@ def _train_and_test(
         lambda s: (s + 1) / warmup if s < warmup else max(0.0, (total - s) / max(1, total - warmup)),
     )
     step, started = 0, time.perf_counter()
+    bar = tqdm(total=total, desc=f"fine-tuning ({label})", unit="batch", file=sys.stderr, disable=None)
     for epoch in range(config.epochs):
         net.train()
         order = torch.randperm(len(train_idx), generator=generator).tolist()
@@ -305,13 +308,15 @@ def _train_and_test(
             optimizer.zero_grad(set_to_none=True)
             losses.append(out.loss.item())
             step += 1
+            bar.update()
         accuracy = _accuracy(net, encoded, label_ids, test_idx, config.batch_size)
         mean_loss = sum(losses) / len(losses)
         tracker.log({f"{label}/train_loss": mean_loss, f"{label}/test_accuracy": accuracy}, epoch + 1)
-        say(
+        bar.write(
             f"{label}: epoch {epoch + 1}/{config.epochs} train loss {mean_loss:.4f} test accuracy {accuracy:.2%} "
             f"({time.perf_counter() - started:.0f} s)"
         )
+    bar.close()
     return {"test_accuracy": accuracy, "train_loss": mean_loss, "seconds": time.perf_counter() - started}
 
 

@@ -47,7 +47,7 @@ STATE_FILE = "quickstart.json"
 AFTER_TRAINING_FRACTION = 0.25
 MIN_STEPS = 50
 CALIBRATION_STEPS = 4
-FINETUNE = ("epochs=2",)
+FINETUNE = ("epochs=1",)
 
 
 def build_parser(prog: str) -> argparse.ArgumentParser:

@@ -6,7 +6,7 @@ Usage:
 Checks the export's sha256 sums, logs it as an MLflow model (the transformers flavor, as a fill-mask
 model: the pretrained encoder with its MLM head, and the tokenizer) into the training run (``--run-id``,
 else the run recorded in the run directory the checkpoint came from, else a new run), registers a new
-version of NAME, points ALIAS at it (default ``latest``), and describes it with the data and the final
+version of NAME, points ALIAS at it (default ``candidate``), and describes it with the data and the final
 evaluation. Then ``mlflow.transformers.load_model("models:/NAME@ALIAS")`` gives a fill-mask pipeline,
 and ``albert-scale finetune --model models:/NAME@ALIAS`` fine-tunes it. The tracking URI is
 ``MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db`` in the working directory (as for training).
@@ -102,6 +102,7 @@ def register(
             raise ValueError(
                 f"--run-id {run_id}: no such run at {uri} ({first_line(err) or type(err).__name__})"
             ) from None
+    transformers.logging.set_verbosity_error()  # no report of the pretraining heads the MLM model leaves out
     model = transformers.AlbertForMaskedLM.from_pretrained(export)
     tokenizer = transformers.AlbertTokenizer.from_pretrained(export)
     with mlflow.start_run(run_id=run_id, run_name=None if run_id else f"register-{name}") as active:
