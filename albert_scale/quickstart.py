@@ -2,6 +2,7 @@
 
 Usage:
     albert-scale quickstart [--minutes 20] [--output quickstart] [--name albert-quickstart] [--alias candidate]
+                            [--config quickstart] [--corpus news --corpus wiki]
 
 Stages, each with its own progress display, everything under ``--output`` (DIR):
 
@@ -17,7 +18,8 @@ Stages, each with its own progress display, everything under ``--output`` (DIR):
 then print a summary: MLM and SOP accuracy before and after pretraining, the fine-tuning accuracies, and
 where every artifact is. Interrupted (Ctrl-C, a crash) and run again with the same DIR, it continues where
 it stopped: finished stages are kept, training resumes from its newest checkpoint, and the run keeps the
-step count chosen the first time (DIR/quickstart.json).
+step count chosen the first time (DIR/quickstart.json). ``--config`` and ``--corpus`` run the same job
+with another preset or built-in corpora (``--config tiny --corpus lee`` is a smoke test of a minute or two).
 """
 
 from __future__ import annotations
@@ -69,6 +71,19 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     parser.add_argument("--output", default="quickstart", metavar="DIR", help="where everything goes")
     parser.add_argument("--name", default="albert-quickstart", help="registered model name")
     parser.add_argument("--alias", default="candidate", help="alias of the registered version")
+    parser.add_argument(
+        "--config",
+        default=PRESET,
+        metavar="CFG",
+        help=f"the model and recipe: a preset or YAML file ({PRESET})",
+    )
+    parser.add_argument(
+        "--corpus",
+        action="append",
+        metavar="NAME",
+        help=f"a built-in corpus to pretrain on, repeatable (default: {' and '.join(CORPORA)}); see "
+        "'albert-scale corpus list'",
+    )
     return parser
 
 
@@ -77,7 +92,14 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--minutes={args.minutes}: must be a positive number")
     root = Path(args.output).resolve()
     root.mkdir(parents=True, exist_ok=True)
-    job = Quickstart(root, minutes=args.minutes, name=args.name, alias=args.alias)
+    job = Quickstart(
+        root,
+        minutes=args.minutes,
+        name=args.name,
+        alias=args.alias,
+        config=args.config,
+        corpora=tuple(args.corpus or CORPORA),
+    )
     summary = job.run()
     print(format_summary(summary))
     return 0
@@ -86,17 +108,30 @@ def run(args: argparse.Namespace) -> int:
 class Quickstart:
     """The stages and their record (DIR/quickstart.json), so that a rerun continues."""
 
-    def __init__(self, root: Path, *, minutes: float, name: str, alias: str):
+    def __init__(
+        self, root: Path, *, minutes: float, name: str, alias: str, config: str, corpora: tuple[str, ...]
+    ):
+        from data_pipeline.corpora import get_corpus
+
         self.root = root
         self.minutes = minutes
         self.name = name
         self.alias = alias
+        self.config = load_config(config)  # a bad preset or file fails here, before any work
+        self.corpora = tuple(dict.fromkeys(get_corpus(name).name for name in corpora))
         self.uri = f"sqlite:///{root / 'mlflow.db'}"
         self.state_path = root / STATE_FILE
         self.state: dict[str, Any] = (
             json.loads(self.state_path.read_text()) if self.state_path.exists() else {}
         )
         self.started = time.monotonic()
+        job = {"config": self.config.to_dict(), "corpora": list(self.corpora)}
+        if self.state.get("job", job) != job:
+            raise ValueError(
+                f"--output {str(root)!r}: holds a quickstart with another config or corpora; rerun it with "
+                "the same options, or use another --output"
+            )
+        self._save(job=job)
 
     # -- record --------------------------------------------------------------------------------------
 
@@ -136,10 +171,10 @@ class Quickstart:
     def fetch(self) -> list[Path]:
         from data_pipeline.corpora import fetch_corpus
 
-        self._stage(1, f"fetching the {' and '.join(CORPORA)} corpora")
+        self._stage(1, f"fetching the {' and '.join(self.corpora)} corpora")
         out = self.root / "corpora"
         paths = []
-        for name in CORPORA:
+        for name in self.corpora:
             path = out / f"{name}.jsonl"
             if not (out / f"{name}.meta.json").exists():  # written last by a fetch
                 path = fetch_corpus(name, output_dir=out).jsonl
@@ -152,7 +187,9 @@ class Quickstart:
 
         self._stage(2, "preprocessing with Ray: SentencePiece model, sentence-order instances, Arrow shards")
         data = self.root / "data"
-        argv = ["--config", PRESET, "--input", *map(str, corpora), "--output", str(data)]
+        config_file = self.root / "config.yaml"  # the preset or file as resolved, for the preprocessing
+        atomic_write_text(config_file, self.config.to_yaml())
+        argv = ["--config", str(config_file), "--input", *map(str, corpora), "--output", str(data)]
         code = preprocess.main(argv, prog="albert-scale quickstart: preprocess")
         if code:
             raise RuntimeError(f"preprocessing into {data} failed (exit {code}); see above")
@@ -172,13 +209,13 @@ class Quickstart:
             )
         else:
             print(f"{steps} steps (chosen by the first run, in {self.state_path})")
-        return sized(load_config(PRESET), steps, self.uri)
+        return sized(self.config, steps, self.uri)
 
     def _measure_step(self, data: Path) -> float:
         """Seconds per training step of the quickstart config here: a few real steps, timed."""
         from albert_scale.train import METRICS_FILE, train
 
-        config = sized(load_config(PRESET), 1000, self.uri)
+        config = sized(self.config, 1000, self.uri)
         config = dataclasses.replace(
             config,
             train=dataclasses.replace(config.train, log_every=1, eval_every=10**6),
@@ -194,7 +231,7 @@ class Quickstart:
         from albert_scale.train import METRICS_FILE, train
 
         steps = config.schedule.total_steps
-        self._stage(4, f"pretraining the quickstart ALBERT for {steps} steps (DeepSpeed ZeRO-2, LAMB)")
+        self._stage(4, f"pretraining ALBERT for {steps} steps (DeepSpeed ZeRO-{config.zero.stage}, LAMB)")
         run_dir = self.root / "run"
         train(config, data=data, output=run_dir)
         evaluations = [

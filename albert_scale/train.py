@@ -118,18 +118,10 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--{option} is required (or use --dry-run)")
     if args.stop_at_step is not None and args.stop_at_step < 1:
         raise ValueError(f"--stop-at-step={args.stop_at_step}: must be >= 1")
+    run_training = train
     if config.cluster.backend == "ray":
-        from cluster.ray_train import fit
-
-        fit(
-            config,
-            data=Path(args.data),
-            output=Path(args.output),
-            stop_at_step=args.stop_at_step,
-            quiet=args.quiet,
-        )
-        return 0
-    train(
+        from cluster.ray_train import fit as run_training
+    run_training(
         config,
         data=Path(args.data),
         output=Path(args.output),
