@@ -212,7 +212,7 @@ def _train(
     plan = check(config, world_size=process.world_size)
     resumed = _resume_point(output, rank0=rank0, warn=warn)
     if resumed is not None:
-        check_resume(resumed, config, dataset, warn=warn)
+        check_resume(resumed.path, resumed.state, config, dataset, warn=warn)
 
     torch.manual_seed(config.train.seed)  # the same initial weights on every rank
     model = AlbertForPreTraining(config.model, activation_checkpointing=config.train.activation_checkpointing)
@@ -400,20 +400,21 @@ def open_datasets(directory: Path, config: Config) -> tuple[ShardedDataset, Shar
     return dataset, validation
 
 
-def check_resume(resumed: checkpoint.Checkpoint, config: Config, dataset: ShardedDataset, *, warn) -> None:
-    """A checkpoint continues the same run: same model, batch, seed and dataset; other changes are noted."""
-    saved = _flatten(resumed.state["config"])
+def check_resume(path: Path, state: dict[str, Any], config: Config, dataset: ShardedDataset, *, warn) -> None:
+    """The checkpoint at ``path`` (its ``state.json`` is ``state``) continues the same run: same model,
+    batch, seed and dataset; other changes are noted."""
+    saved = _flatten(state["config"])
     now = _flatten(config.to_dict())
     changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
     for key in changed:
         if any(key == fixed or key.startswith(fixed + ".") for fixed in FIXED_ON_RESUME):
             raise ConfigError(
-                f"{key}={now.get(key)!r}: the checkpoint {str(resumed.path)!r} was trained with "
+                f"{key}={now.get(key)!r}: the checkpoint {str(path)!r} was trained with "
                 f"{key}={saved.get(key)!r}; use another --output to start a new run"
             )
-    if resumed.state["data"]["dataset"] != dataset.fingerprint:
+    if state["data"]["dataset"] != dataset.fingerprint:
         raise ValueError(
-            f"checkpoint {str(resumed.path)!r}: trained on another dataset (manifest fingerprint differs from "
+            f"checkpoint {str(path)!r}: trained on another dataset (manifest fingerprint differs from "
             f"{str(dataset.directory)!r}); use another --output to start a new run"
         )
     if changed:

@@ -30,7 +30,7 @@ from typing import Any
 from albert_scale import checkpoint
 from albert_scale.cli import RunStopped
 from albert_scale.config import Config, build, check, launcher_world_size
-from albert_scale.tracking import absolute_uri, tracking_uri
+from albert_scale.tracking import absolute_uri, first_line, tracking_uri
 
 # The metric a worker reports when the run stopped on purpose (e.g. a non-finite loss): every rank stops
 # at the same step, so the run ends as a failure of the job rather than of a worker (which Ray would retry).
@@ -107,10 +107,8 @@ def preflight(config: Config, *, data: Path, output: Path) -> None:
     dataset, _ = open_datasets(data, config)
     found = checkpoint.list_checkpoints(output)
     if found:
-        path = found[-1][1]
-        state = checkpoint.read_state(path)
-        newest = checkpoint.Checkpoint(path=path, step=state["step"], weights={}, moments={}, state=state)
-        check_resume(newest, config, dataset, warn=lambda message: None)
+        newest = found[-1][1]
+        check_resume(newest, checkpoint.read_state(newest), config, dataset, warn=lambda message: None)
 
 
 def worker_error(err: Exception) -> str:
@@ -230,5 +228,5 @@ def _restarts(max_failures: int) -> str:
 
 
 def _first_line(err: BaseException) -> str:
-    lines = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
+    text = first_line(err)
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__

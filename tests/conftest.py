@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import TINY_PREPROCESS
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -48,19 +49,7 @@ def tiny_shards(tmp_path_factory) -> Path:
     corpus = fetch_corpus("lee", output_dir=root, progress=False, log=lambda message: None).jsonl
     ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     try:
-        code = preprocess.main(
-            [
-                "--config",
-                "tiny",
-                "--quiet",
-                "--input",
-                str(corpus),
-                "--output",
-                str(root / "shards"),
-                "preprocess.shard_rows=300",
-                "preprocess.validation_fraction=0.05",
-            ]
-        )
+        code = preprocess.main([*TINY_PREPROCESS, "--input", str(corpus), "--output", str(root / "shards")])
     finally:
         ray.shutdown()
     assert code == 0

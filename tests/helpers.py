@@ -11,6 +11,14 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
+# `preprocess` of the tiny test dataset (the Lee corpus): seq 64, shards of 300 rows, 5% validation.
+TINY_PREPROCESS = (
+    "--config",
+    "tiny",
+    "--quiet",
+    "preprocess.shard_rows=300",
+    "preprocess.validation_fraction=0.05",
+)
 LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import psutil
 import pytest
 import yaml
-from helpers import BIN, REPO, cli, error_lines, free_port, subprocess_env
+from helpers import BIN, REPO, TINY_PREPROCESS, cli, error_lines, free_port, subprocess_env
 
 from albert_scale.cli import COMMANDS
 from albert_scale.data import ShardedDataset
@@ -174,15 +174,11 @@ def preprocessed(head, tmp_path_factory):
         "--follow",
         "--",
         "preprocess",
-        "--config",
-        "tiny",
-        "--quiet",
+        *TINY_PREPROCESS,
         "--input",
         str(corpus),
         "--output",
         str(shards),
-        "preprocess.shard_rows=300",
-        "preprocess.validation_fraction=0.05",
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result, shards

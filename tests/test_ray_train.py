@@ -38,6 +38,11 @@ TRAIN_ARGS = (
 )
 
 
+def train_args(data: Path, run: Path, *extra: str) -> list[str]:
+    """``train --data DATA --output RUN`` with the Ray Train settings above and ``extra`` overrides."""
+    return ["train", "--data", str(data), "--output", str(run), *TRAIN_ARGS, *extra]
+
+
 @pytest.fixture(scope="module")
 def two_nodes():
     """A Ray cluster of two nodes with one CPU each, started and stopped here."""
@@ -56,9 +61,7 @@ def two_nodes():
 def straight_run(two_nodes, tiny_shards, tmp_path_factory):
     """An uninterrupted run on the two nodes."""
     run = tmp_path_factory.mktemp("ray_train") / "straight"
-    result = cli(
-        "train", "--data", str(tiny_shards), "--output", str(run), *TRAIN_ARGS, f"cluster.address={two_nodes}"
-    )
+    result = cli(*train_args(tiny_shards, run, f"cluster.address={two_nodes}"))
     return run, result
 
 
@@ -97,15 +100,7 @@ def test_killed_worker_restarts_from_checkpoint_with_the_same_final_weights(
 ):
     run = tmp_path / "killed"
     log = tmp_path / "driver.log"
-    command = [
-        str(BIN / "albert-scale"),
-        "train",
-        *TRAIN_ARGS,
-        "--data",
-        str(tiny_shards),
-        "--output",
-        str(run),
-    ]
+    command = [str(BIN / "albert-scale"), *train_args(tiny_shards, run)]
     with log.open("w") as out:
         driver = subprocess.Popen(
             [*command, f"cluster.address={two_nodes}", "tracking.enabled=false"],
@@ -149,38 +144,21 @@ def _train_workers() -> list[psutil.Process]:
 
 
 def test_driver_finds_config_and_data_mistakes_before_starting_ray(tiny_shards, tmp_path):
-    result = cli(
-        "train",
-        "--data",
-        str(tiny_shards),
-        "--output",
-        str(tmp_path / "run"),
-        *TRAIN_ARGS,
-        "cluster.num_workers=3",
-    )
+    result = cli(*train_args(tiny_shards, tmp_path / "run", "cluster.num_workers=3"))
     assert result.returncode == 2
     (line,) = error_lines(result.stderr)
     assert "train.global_batch_size=8: not divisible" in line and "data-parallel size 3" in line
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "run").exists()  # found in the driver: nothing was started or written
 
-    missing = cli("train", "--data", str(tmp_path / "nope"), "--output", str(tmp_path / "run"), *TRAIN_ARGS)
+    missing = cli(*train_args(tmp_path / "nope", tmp_path / "run"))
     assert missing.returncode == 2
     (line,) = error_lines(missing.stderr)
     assert str(tmp_path / "nope") in line
 
 
 def test_a_local_ray_too_small_for_the_workers_is_one_line(tiny_shards, tmp_path):
-    result = cli(
-        "train",
-        "--data",
-        str(tiny_shards),
-        "--output",
-        str(tmp_path / "run"),
-        *TRAIN_ARGS,
-        "cluster.cpus_per_worker=64",
-        RAY_ADDRESS="",
-    )
+    result = cli(*train_args(tiny_shards, tmp_path / "run", "cluster.cpus_per_worker=64"), RAY_ADDRESS="")
     assert result.returncode == 2, result.stderr[-3000:]
     (line,) = error_lines(result.stderr)
     assert "the local Ray is too small" in line and "128 CPU needed" in line
