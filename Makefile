@@ -1,5 +1,6 @@
 # Set-up and checks. `make test` is what CI runs (.ci/run): it installs into .venv and runs lint and the
-# default test suite. Tiers: `make test-slow` adds the slow end-to-end tests.
+# default test suite; CI then runs `make test-reliability-slow`. Tiers: `make test-slow` runs the slow
+# end-to-end tests, `make test-reliability` every fault, bad-input and security test.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -13,7 +14,7 @@ PYTEST_ARGS ?=
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install run test test-slow lint format bench-model clean
+.PHONY: install run test test-slow test-reliability test-reliability-slow lint format bench-model clean
 
 install: $(STAMP)
 
@@ -58,6 +59,14 @@ test: lint
 
 test-slow: install
 	$(call run_pytest,-m slow)
+
+# Fault injection, bad input and security (tests marked `reliability`), the slow ones included.
+test-reliability: install
+	$(call run_pytest,-m reliability)
+
+# The slow reliability tests only: CI runs them after `make test`, which has run the others.
+test-reliability-slow: install
+	$(call run_pytest,-m "reliability and slow")
 
 bench-model: install
 	$(BIN)/python bench/model_step.py

@@ -42,6 +42,8 @@ STATE_FILE = "state.json"
 FORMAT_VERSION = 1
 _NAME = re.compile(r"^step-(\d{8})$")
 _TMP_PREFIX = ".tmp-step-"
+TRY_PREVIOUS = "; trying the previous checkpoint"
+"""How :func:`load_latest` ends the warning about a damaged checkpoint."""
 
 
 @dataclass
@@ -126,13 +128,17 @@ def read_state(path: Path) -> dict[str, Any]:
     """The ``state.json`` of a checkpoint; ValueError naming the file when it is unreadable."""
     file = Path(path) / STATE_FILE
     try:
-        state = json.loads(file.read_text())
-    except (OSError, json.JSONDecodeError) as err:
+        state = json.loads(file.read_bytes())
+    except (OSError, ValueError) as err:  # ValueError: not JSON, or not UTF-8
         raise ValueError(f"checkpoint {str(path)!r}: {STATE_FILE} unreadable ({err})") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"checkpoint {str(path)!r}: {STATE_FILE} is not a JSON object")
     if state.get("format") != FORMAT_VERSION:
         raise ValueError(
             f"checkpoint {str(path)!r}: format {state.get('format')!r}, expected {FORMAT_VERSION}"
         )
+    if not isinstance(state.get("step"), int) or not isinstance(state.get("files"), dict):
+        raise ValueError(f"checkpoint {str(path)!r}: {STATE_FILE} lacks its step or its files' sha256")
     return state
 
 
@@ -165,7 +171,7 @@ def load_latest(run_dir: Path, *, warn: Callable[[str], None]) -> Checkpoint | N
         try:
             return load(path)
         except ValueError as err:
-            warn(f"{err}; trying the previous checkpoint")
+            warn(f"{err}{TRY_PREVIOUS}")
     return None
 
 

@@ -116,9 +116,12 @@ def parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argpar
 
 
 def _report(line: str) -> None:
-    """Prints on stderr, once per job: under a launcher every rank fails alike, and rank 0 speaks for all."""
+    """Prints on stderr, once per job: under a launcher every rank fails alike, and rank 0 speaks for all.
+    Secrets are redacted (URI passwords, secret-named environment values: see :mod:`albert_scale.redact`)."""
     if os.environ.get("RANK", "0") == "0":
-        print(line, file=sys.stderr)
+        from albert_scale.redact import redact_text
+
+        print(redact_text(line), file=sys.stderr)
 
 
 def _one_line(err: BaseException) -> str:

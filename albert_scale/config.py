@@ -266,6 +266,7 @@ class ClusterConfig:
         _require(self.num_workers >= 1, "num_workers", self.num_workers, "must be >= 1")
         _require(self.cpus_per_worker >= 1, "cpus_per_worker", self.cpus_per_worker, "must be >= 1")
         _require(self.max_failures >= -1, "max_failures", self.max_failures, "must be >= -1")
+        _no_secret("address", self.address, "RAY_AUTH_TOKEN or a --header for a proxy")
 
 
 @dataclass(frozen=True)
@@ -287,6 +288,9 @@ class TrackingConfig:
 
     def __post_init__(self) -> None:
         _require(bool(self.experiment.strip()), "experiment", self.experiment, "must not be empty")
+        _no_secret(
+            "uri", self.uri, "MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD or MLFLOW_TRACKING_TOKEN"
+        )
 
 
 @dataclass(frozen=True)
@@ -330,6 +334,14 @@ def _require(ok: bool, key: str, value: Any, message: str) -> None:
         raise ConfigError(f"{key}={value!r}: {message}")
 
 
+def _no_secret(key: str, value: str, instead: str) -> None:
+    """A config value is logged and saved with the run: a URI in it must not carry a password or token."""
+    from albert_scale.redact import redact_uri
+
+    safe = redact_uri(value)
+    _require(safe == value, key, safe, f"holds a password or token, which would be logged; use {instead}")
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Loading: YAML file + dotted overrides -> Config
 
@@ -339,6 +351,8 @@ def resolve_config_path(name_or_path: str | os.PathLike[str]) -> Path:
     path = Path(name_or_path)
     if path.is_file():
         return path
+    if path.is_dir():
+        raise ConfigError(f"config {str(name_or_path)!r}: is a directory, not a YAML file")
     preset = CONFIG_DIR / f"{path.name.removesuffix('.yaml')}.yaml"
     if path.parent == Path(".") and preset.is_file():
         return preset
@@ -352,7 +366,13 @@ def load_config(name_or_path: str | os.PathLike[str] | None = None, overrides: S
     if name_or_path is not None:
         path = resolve_config_path(name_or_path)
         try:
-            loaded = yaml.safe_load(path.read_text())
+            loaded = yaml.safe_load(path.read_bytes().decode("utf-8"))
+        except UnicodeDecodeError as err:
+            raise ConfigError(
+                f"config {str(path)!r}: not a YAML text file (invalid UTF-8 at byte {err.start})"
+            ) from None
+        except OSError as err:
+            raise ConfigError(f"config {str(path)!r}: cannot read ({err.strerror or err})") from None
         except yaml.YAMLError as err:
             mark = getattr(err, "problem_mark", None)
             where = f" line {mark.line + 1}" if mark is not None else ""

@@ -33,7 +33,7 @@ from typing import Any
 
 from albert_scale import checkpoint
 from albert_scale.cli import stage_main
-from albert_scale.config import Config, build
+from albert_scale.config import Config, ConfigError, build
 from albert_scale.fileio import sha256_file
 
 EXPORT_FILE = "albert_scale_export.json"
@@ -70,11 +70,19 @@ def find_checkpoint(path: Path, *, say=print) -> checkpoint.Checkpoint:
         raise FileNotFoundError(f"--checkpoint {str(path)!r}: no such directory")
     if (path / checkpoint.STATE_FILE).exists():
         return checkpoint.load(path)
-    found = checkpoint.load_latest(path, warn=lambda message: say(f"warning: {message}"))
+    damaged: list[str] = []
+    found = checkpoint.load_latest(path, warn=damaged.append)
+    if found is None and damaged:
+        raise ValueError(
+            f"--checkpoint {str(path)!r}: no intact checkpoint in the run; the newest: "
+            f"{damaged[0].removesuffix(checkpoint.TRY_PREVIOUS)}"
+        )
     if found is None:
         raise ValueError(
             f"--checkpoint {str(path)!r}: neither a checkpoint nor a run directory with checkpoints"
         )
+    for message in damaged:
+        say(f"warning: {message}")
     return found
 
 
@@ -87,13 +95,18 @@ def export(source: Path, output: Path, *, overwrite: bool = False, say=print) ->
     found = find_checkpoint(source, say=say)
     if SPIECE not in found.state["files"]:
         raise ValueError(f"checkpoint {str(found.path)!r}: holds no {SPIECE} (written by an older version)")
-    config: Config = build(Config, found.state["config"], prefix="")
+    if not isinstance(found.state.get("config"), dict) or not isinstance(found.state.get("data"), dict):
+        raise ValueError(f"checkpoint {str(found.path)!r}: {checkpoint.STATE_FILE} lacks its config or data")
+    try:
+        config: Config = build(Config, found.state["config"], prefix="")
+    except ConfigError as err:
+        raise ValueError(f"checkpoint {str(found.path)!r}: its config is not valid here: {err}") from None
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.parent / f".{output.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        _write_model(tmp, config, found.weights)
+        _write_model(tmp, config, found.weights, source=found.path)
         shutil.copyfile(found.path / SPIECE, tmp / SPIECE)
         write_tokenizer(tmp)
         record = {
@@ -101,7 +114,7 @@ def export(source: Path, output: Path, *, overwrite: bool = False, say=print) ->
             "checkpoint": str(found.path.resolve()),
             "step": found.step,
             "data_manifest_sha256": found.state.get("manifest_sha256"),
-            "data_fingerprint": found.state["data"]["dataset"],
+            "data_fingerprint": found.state["data"].get("dataset"),
             "config": found.state["config"],
             "files": {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()},
         }
@@ -132,16 +145,24 @@ def verify(directory: Path) -> dict[str, Any]:
     return record
 
 
-def _write_model(directory: Path, config: Config, weights: dict[str, Any]) -> None:
+def _write_model(directory: Path, config: Config, weights: dict[str, Any], *, source: Path) -> None:
     import transformers
 
     hf_config = transformers.AlbertConfig(**config.model.to_hf_dict())
     model = transformers.AlbertForPreTraining(hf_config)
+    for name, param in model.state_dict().items():
+        if name in weights and tuple(weights[name].shape) != tuple(param.shape):
+            raise ValueError(
+                f"checkpoint {str(source)!r}: {name} has shape {tuple(weights[name].shape)}, but the model of "
+                f"its config (model.hidden_size={config.model.hidden_size}, model.embedding_size="
+                f"{config.model.embedding_size}) needs {tuple(param.shape)}: its weights and config do not match"
+            )
     missing, unexpected = model.load_state_dict(weights, strict=False)
     tied = {"predictions.decoder.weight", "predictions.decoder.bias"}  # tied to the embeddings and the bias
     if unexpected or set(missing) - tied:
         raise ValueError(
-            f"checkpoint does not match transformers' AlbertForPreTraining: missing {sorted(set(missing) - tied)[:3]}, "
+            f"checkpoint {str(source)!r} does not match transformers' AlbertForPreTraining: missing "
+            f"{sorted(set(missing) - tied)[:3]}, "
             f"unexpected {sorted(unexpected)[:3]}"
         )
     model.save_pretrained(directory, safe_serialization=True)

@@ -16,6 +16,13 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def file_sums(directory: Path) -> dict[str, str]:
+    """The sha256 of every file under ``directory``, by path relative to it (``/``-separated), sorted."""
+    directory = Path(directory)
+    files = sorted(p for p in directory.rglob("*") if p.is_file())
+    return {p.relative_to(directory).as_posix(): sha256_file(p) for p in files}
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Writes under a temporary name in the same directory, then renames: readers see all or nothing."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")

@@ -4,8 +4,10 @@ Usage:
     albert-scale finetune --model models:/NAME@ALIAS|models:/NAME/VERSION|EXPORT_DIR
                           (--task rotten-tomatoes | --data FILE.jsonl) [--output DIR] [key=value ...]
 
-Downloads the model (a registry URI) or checks an export's sha256 sums (a directory), splits the labelled
-data into train and test by a hash of each text (the same split every time), fine-tunes
+Downloads the model (a registry URI; every file is checked against the sha256 sums recorded when it was
+registered) or checks an export's sha256 sums (a directory), loads weights from safetensors only (nothing
+is unpickled), splits the labelled data into train and test by a hash of each text (the same split every
+time), fine-tunes
 ``transformers.AlbertForSequenceClassification`` from the pretrained weights, and reports test accuracy
 against two baselines run beside it: the majority label, and the same architecture and recipe from
 random initialization. Logs its own MLflow run (experiment ``albert-scale-finetune``) tagged with the
@@ -35,6 +37,8 @@ from tqdm import tqdm
 
 from albert_scale.cli import stage_main
 from albert_scale.config import _require, build, parse_override
+from albert_scale.fileio import sha256_file
+from albert_scale.register import SHA256_TAG
 
 EXPERIMENT = "albert-scale-finetune"
 TASKS = ("rotten-tomatoes",)
@@ -110,10 +114,20 @@ class Source:
     run_id: str | None = None
 
 
-def resolve_model(model: str, workdir: Path) -> Source:
+def check_model_uri(model: str) -> None:
+    """A registry URI must name a model and an alias or a version (ValueError naming it otherwise)."""
+    if not model.startswith("models:/"):
+        return
+    reference = model.removeprefix("models:/")
+    name, sep, rest = reference.partition("@") if "@" in reference else reference.rpartition("/")
+    if not (sep and name and rest):
+        raise ValueError(f"--model {model!r}: expected models:/NAME@ALIAS or models:/NAME/VERSION")
+
+
+def resolve_model(model: str, workdir: Path, say=print) -> Source:
     """A local directory with the model's config.json and tokenizer, downloaded or checked."""
     if model.startswith("models:/"):
-        return _from_registry(model, workdir)
+        return _from_registry(model, workdir, say)
     directory = Path(model)
     if not directory.is_dir():
         raise FileNotFoundError(f"--model {model!r}: no such directory (or use models:/NAME@ALIAS)")
@@ -123,7 +137,7 @@ def resolve_model(model: str, workdir: Path) -> Source:
     return Source(uri=str(directory.resolve()), directory=directory)
 
 
-def _from_registry(uri: str, workdir: Path) -> Source:
+def _from_registry(uri: str, workdir: Path, say=print) -> Source:
     import mlflow
 
     from albert_scale.tracking import connect, first_line
@@ -142,6 +156,7 @@ def _from_registry(uri: str, workdir: Path) -> Source:
     except Exception as err:
         first = first_line(err) or type(err).__name__
         raise ValueError(f"--model {uri}: not found in the registry at {registry} ({first})") from None
+    _check_sums(uri, local, version.tags.get(SHA256_TAG), say)
     configs = sorted(local.rglob("config.json"))
     tokenizers = sorted(p.parent for p in local.rglob("tokenizer.json"))
     if not configs or not tokenizers:
@@ -157,6 +172,21 @@ def _from_registry(uri: str, workdir: Path) -> Source:
     )
 
 
+def _check_sums(uri: str, local: Path, recorded: str | None, say) -> None:
+    """Every file the registration recorded is there with its sha256 (a version registered by other means
+    has no record: said once, and used as it is)."""
+    if not recorded:
+        say(f"{uri}: no sha256 sums recorded at registration (not registered by albert-scale); not verified")
+        return
+    for name, digest in json.loads(recorded).items():
+        path = local / name
+        if not path.is_file() or sha256_file(path) != digest:
+            state = (
+                "is missing" if not path.is_file() else "does not match the sha256 recorded at registration"
+            )
+            raise ValueError(f"--model {uri}: {name} {state} (changed or damaged in the artifact store)")
+
+
 def load_examples(task: str | None, data: str | None) -> tuple[list[str], list[str]]:
     """(texts, labels) of a built-in task or a JSONL file; bad lines are errors naming the line."""
     if task is not None:
@@ -169,16 +199,21 @@ def load_examples(task: str | None, data: str | None) -> tuple[list[str], list[s
         if not path.is_file():
             raise FileNotFoundError(f"--data {data!r}: no such file")
     texts, labels = [], []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise ValueError(f"{str(path)!r} line {number}: not UTF-8 text") from None
             if not line.strip():
                 continue
             try:
                 record = json.loads(line)
                 text, label = record["text"], record["label"]
             except (json.JSONDecodeError, KeyError, TypeError) as err:
+                reason = f"no {err} field" if isinstance(err, KeyError) else str(err)
                 raise ValueError(
-                    f"{str(path)!r} line {number}: expected a JSON object with text and label ({err})"
+                    f"{str(path)!r} line {number}: expected a JSON object with text and label ({reason})"
                 ) from None
             if not isinstance(text, str) or not text.strip():
                 raise ValueError(f"{str(path)!r} line {number}: 'text' must be a non-empty string")
@@ -212,6 +247,7 @@ def finetune(
     import transformers
 
     transformers.logging.set_verbosity_error()  # no report of the new classifier head's weights
+    check_model_uri(model)
     texts, labels = load_examples(task, data)
     names = sorted(set(labels))
     label_ids = [names.index(label) for label in labels]
@@ -224,7 +260,7 @@ def finetune(
     majority_accuracy = sum(label_ids[i] == majority for i in test_idx) / len(test_idx)
 
     with tempfile.TemporaryDirectory(prefix="albert-scale-finetune-") as workdir:
-        source = resolve_model(model, Path(workdir))
+        source = resolve_model(model, Path(workdir), say)
         tokenizer = transformers.AlbertTokenizer.from_pretrained(source.directory)
         positions = transformers.AlbertConfig.from_pretrained(source.directory).max_position_embeddings
         if config.max_seq_length > positions:
@@ -252,7 +288,7 @@ def finetune(
             torch.manual_seed(config.seed)
             if pretrained:
                 net = transformers.AlbertForSequenceClassification.from_pretrained(
-                    source.directory, num_labels=len(names)
+                    source.directory, num_labels=len(names), use_safetensors=True
                 )
             else:
                 hf_config = transformers.AlbertConfig.from_pretrained(source.directory, num_labels=len(names))

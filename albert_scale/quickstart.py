@@ -91,7 +91,8 @@ def run(args: argparse.Namespace) -> int:
     if not (args.minutes > 0 and math.isfinite(args.minutes)):
         raise ValueError(f"--minutes={args.minutes}: must be a positive number")
     root = Path(args.output).resolve()
-    root.mkdir(parents=True, exist_ok=True)
+    if root.exists() and not root.is_dir():
+        raise ValueError(f"--output {str(root)!r}: is a file, not a directory")
     job = Quickstart(
         root,
         minutes=args.minutes,
@@ -131,6 +132,7 @@ class Quickstart:
                 f"--output {str(root)!r}: holds a quickstart with another config or corpora; rerun it with "
                 "the same options, or use another --output"
             )
+        root.mkdir(parents=True, exist_ok=True)  # once the job's settings are known to be good
         self._save(job=job)
 
     # -- record --------------------------------------------------------------------------------------

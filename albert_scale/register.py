@@ -7,7 +7,8 @@ Checks the export's sha256 sums, logs it as an MLflow model (the transformers fl
 model: the pretrained encoder with its MLM head, and the tokenizer) into the training run (``--run-id``,
 else the run recorded in the run directory the checkpoint came from, else a new run), registers a new
 version of NAME, points ALIAS at it (default ``candidate``), and describes it with the data and the final
-evaluation. Then ``mlflow.transformers.load_model("models:/NAME@ALIAS")`` gives a fill-mask pipeline,
+evaluation, and records the sha256 of every file of the logged model in the version's tag
+``albert_scale.sha256`` (``finetune`` checks them after download). Then ``mlflow.transformers.load_model("models:/NAME@ALIAS")`` gives a fill-mask pipeline,
 and ``albert-scale finetune --model models:/NAME@ALIAS`` fine-tunes it. The tracking URI is
 ``MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db`` in the working directory (as for training).
 """
@@ -20,16 +21,21 @@ import logging
 import os
 import re
 import sys
+import tempfile
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
 
 from albert_scale.cli import stage_main
 from albert_scale.export import EXPORT_FILE, verify
+from albert_scale.fileio import file_sums
+from albert_scale.redact import redact_uri
 from albert_scale.tracking import RUN_FILE, connect, first_line
 
 DEFAULT_ALIAS = "candidate"
 MODEL_ARTIFACT = "model"
+SHA256_TAG = "albert_scale.sha256"
+"""Model version tag: the sha256 of every file of the logged model, which ``finetune`` checks on download."""
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
 
 
@@ -103,7 +109,7 @@ def register(
                 f"--run-id {run_id}: no such run at {uri} ({first_line(err) or type(err).__name__})"
             ) from None
     transformers.logging.set_verbosity_error()  # no report of the pretraining heads the MLM model leaves out
-    model = transformers.AlbertForMaskedLM.from_pretrained(export)
+    model = transformers.AlbertForMaskedLM.from_pretrained(export, use_safetensors=True)
     tokenizer = transformers.AlbertTokenizer.from_pretrained(export)
     with mlflow.start_run(run_id=run_id, run_name=None if run_id else f"register-{name}") as active:
         info = mlflow.transformers.log_model(
@@ -116,9 +122,18 @@ def register(
         mlflow.log_dict(record, f"{MODEL_ARTIFACT}-export/{EXPORT_FILE}")
         run_id = active.info.run_id
     version_ = mlflow.register_model(info.model_uri, name).version
+    client.set_model_version_tag(name, version_, SHA256_TAG, json.dumps(_logged_sums(mlflow, info.model_uri)))
     client.set_registered_model_alias(name, alias, version_)
     client.update_model_version(name, version_, description=_description(record, client, run_id))
     return Registered(name=name, version=str(version_), alias=alias, run_id=run_id, uri=uri)
+
+
+def _logged_sums(mlflow, model_uri: str) -> dict[str, str]:
+    """The sha256 of every file of the model as the artifact store holds it (read back once), without
+    the note MLflow adds to a download (``registered_model_meta``, which differs by how it is addressed)."""
+    with tempfile.TemporaryDirectory(prefix="albert-scale-register-") as tmp:
+        sums = file_sums(Path(mlflow.artifacts.download_artifacts(model_uri, dst_path=tmp)))
+    return {name: digest for name, digest in sums.items() if name != "registered_model_meta"}
 
 
 def _training_run(record: dict, uri: str) -> str | None:
@@ -128,7 +143,7 @@ def _training_run(record: dict, uri: str) -> str | None:
     if not saved.is_file():
         return None
     data = json.loads(saved.read_text())
-    return data["run_id"] if data.get("tracking_uri") == uri else None
+    return data["run_id"] if data.get("tracking_uri") == redact_uri(uri) else None
 
 
 def _description(record: dict, client, run_id: str) -> str:

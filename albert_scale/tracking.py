@@ -26,6 +26,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from albert_scale.redact import redact_params, redact_text, redact_uri
+
 DEFAULT_URI = "sqlite:///mlflow.db"
 RUN_FILE = "mlflow_run.json"
 RETRY_SECONDS = 5.0
@@ -33,8 +35,6 @@ RETRY_SECONDS = 5.0
 CLOSE_SECONDS = 30.0
 """How long the end of a run waits for pending records to be sent."""
 MAX_PARAMS_PER_CALL = 100  # MLflow's limit per log_batch
-SECRET = re.compile(r"(token|password|passwd|secret|api[_-]?key|access[_-]?key|credential)", re.IGNORECASE)
-REDACTED = "***"
 
 
 class Tracker:
@@ -65,11 +65,6 @@ def absolute_uri(uri: str) -> str:
             path = uri[len(scheme) :]
             return uri if Path(path).is_absolute() else scheme + str(Path(path).resolve())
     return uri
-
-
-def redact(params: Mapping[str, Any]) -> dict[str, str]:
-    """Parameter values as strings, with those whose names look like secrets replaced by ``***``."""
-    return {key: REDACTED if SECRET.search(key) else str(value) for key, value in params.items()}
 
 
 def code_version() -> str:
@@ -122,7 +117,7 @@ class MlflowTracker(Tracker):
         self.run_file = Path(run_dir) / RUN_FILE
         self.experiment = experiment
         self.run_name = run_name
-        self.params = redact(params)
+        self.params = redact_params(params)
         self.tags = dict(tags)
         self.say = say
         self.system_metrics = system_metrics
@@ -154,7 +149,7 @@ class MlflowTracker(Tracker):
         left = len(self.backlog) + self.queue.qsize()
         if left:
             self.say(
-                f"MLflow at {self.uri} did not take {left} pending record(s) before the end; the metrics are "
+                f"MLflow at {redact_text(self.uri)} did not take {left} pending record(s) before the end; the metrics are "
                 f"in metrics.jsonl and the run can be logged again by rerunning when the server is up"
             )
         if self.monitor is not None:
@@ -186,7 +181,8 @@ class MlflowTracker(Tracker):
             if self.failing_since is None:
                 self.failing_since = time.monotonic()
                 self.say(
-                    f"MLflow at {self.uri} is not reachable ({type(err).__name__}: {first_line(err)}); "
+                    f"MLflow at {redact_text(self.uri)} is not reachable "
+                    f"({type(err).__name__}: {redact_text(first_line(err))}); "
                     "training goes on and the records are sent when it answers again"
                 )
             return False
@@ -194,7 +190,7 @@ class MlflowTracker(Tracker):
             outage = time.monotonic() - self.failing_since
             self.failing_since = None
             self.say(
-                f"MLflow at {self.uri} answers again after {outage:.0f} s; sending the records it missed"
+                f"MLflow at {redact_text(self.uri)} answers again after {outage:.0f} s; sending the records it missed"
             )
         return True
 
@@ -202,7 +198,7 @@ class MlflowTracker(Tracker):
         if not self.run_file.is_file():
             return None
         saved = json.loads(self.run_file.read_text())
-        return saved["run_id"] if saved.get("tracking_uri") == self.uri else None
+        return saved["run_id"] if saved.get("tracking_uri") == redact_uri(self.uri) else None
 
     def _start(self) -> None:
         from mlflow.entities import Param, RunTag
@@ -227,7 +223,9 @@ class MlflowTracker(Tracker):
             self.client.log_batch(self.run_id, params=params[i : i + MAX_PARAMS_PER_CALL])
         self.client.log_batch(self.run_id, tags=[RunTag("mlflow.runName", self.run_name)])
         self.run_file.parent.mkdir(parents=True, exist_ok=True)
-        self.run_file.write_text(json.dumps({"run_id": self.run_id, "tracking_uri": self.uri}) + "\n")
+        self.run_file.write_text(
+            json.dumps({"run_id": self.run_id, "tracking_uri": redact_uri(self.uri)}) + "\n"
+        )
         self._start_monitor()
 
     def _start_monitor(self) -> None:
@@ -255,7 +253,7 @@ def connect(uri: str | None = None, *, timeout_seconds: int = 120, log_level: in
     MLflow's own HTTP retries are turned off (its default backs off for minutes; callers here retry or
     report once) and requests time out after ``timeout_seconds``, both only where the environment says
     nothing; MLflow's logger is set to ``log_level`` (no INFO lines about tables and monitors); the URI
-    becomes mlflow's for its fluent API.
+    becomes mlflow's for its fluent API. A URI with a password keeps MLflow from printing run links.
     """
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(timeout_seconds))
@@ -263,6 +261,8 @@ def connect(uri: str | None = None, *, timeout_seconds: int = 120, log_level: in
 
     logging.getLogger("mlflow").setLevel(log_level)
     uri = uri or tracking_uri()
+    if redact_uri(uri) != uri:  # MLflow prints run links to the server with the URI's password in them
+        os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
     mlflow.set_tracking_uri(uri)
     return uri
 

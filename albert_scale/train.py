@@ -118,6 +118,8 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--{option} is required (or use --dry-run)")
     if args.stop_at_step is not None and args.stop_at_step < 1:
         raise ValueError(f"--stop-at-step={args.stop_at_step}: must be >= 1")
+    if Path(args.output).exists() and not Path(args.output).is_dir():
+        raise NotADirectoryError(f"--output {args.output!r}: exists and is not a directory")
     run_training = train
     if config.cluster.backend == "ray":
         from cluster.ray_train import fit as run_training
@@ -236,8 +238,9 @@ def _train(
         start = resumed.step if resumed else 0
         tracker = open_tracker(config, output, dataset, process, warn) if rank0 else Tracker()
         node_monitor = _node_monitor(config, process, tracker.run_id)
+        # Records after the checkpoint's step came from a run that died; without a checkpoint, all of them.
         metrics_log = MetricsLog(
-            output / METRICS_FILE if rank0 else None, truncate_after=start, tracker=tracker
+            output / METRICS_FILE if rank0 else None, truncate_after=start if resumed else -1, tracker=tracker
         )
         loop = Loop(config, engine, loader, evalset, process, metrics_log, say, report)
         loop.progress = rank0 and not quiet and log is None

@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from albert_scale.cli import stage_main
+from albert_scale.redact import redact_uri
 
 if TYPE_CHECKING:
     from ray.job_submission import JobDetails, JobSubmissionClient
@@ -155,16 +156,17 @@ def _is_local(host: str) -> bool:
 
 
 def connect(args: argparse.Namespace) -> tuple[JobSubmissionClient, str]:
-    """A Jobs client for ``args.address`` with ``args.header`` (and Ray's token, see above); the
-    dashboard's version is checked here, so an unreachable address fails now, naming it."""
+    """A Jobs client for ``args.address`` with ``args.header`` (and Ray's token, see above), and the
+    address to show (a password in it redacted); the dashboard's version is checked here, so an
+    unreachable address fails now, naming it."""
     address = dashboard_address(args.address)
     headers = parse_headers(args.header, os.environ.get(HEADERS_ENV))
     from ray.job_submission import JobSubmissionClient
 
     _quiet_ray_logging()
-    with dashboard_errors(address):
+    with dashboard_errors(redact_uri(address)):
         client = JobSubmissionClient(address, headers=headers | ray_token_header(address, headers))
-    return client, address
+    return client, redact_uri(address)
 
 
 def _quiet_ray_logging() -> None:

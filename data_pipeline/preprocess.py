@@ -38,7 +38,7 @@ from albert_scale.config import Config, check_sequence_length, load_config
 from albert_scale.fileio import atomic_write_bytes, atomic_write_text, sha256_file
 from data_pipeline import tokenizer as tok
 from data_pipeline.instances import SCHEMA_VERSION, SHARD_SCHEMA
-from data_pipeline.readers import InputFile, ReadLimits, discover, fingerprint_inputs
+from data_pipeline.readers import InputFile, ReadLimits, check_named_files, discover, fingerprint_inputs
 from data_pipeline.shards import MANIFEST, PROGRESS, ShardWriter
 from data_pipeline.stages import (
     DocumentEncoder,
@@ -293,6 +293,7 @@ def run(args: argparse.Namespace) -> int:
     pre = config.preprocess
     limits = ReadLimits(pre.text_field, pre.max_line_bytes, pre.max_document_bytes)
     files, skipped_inputs = discover(args.input)
+    check_named_files(files, args.input)
     given_tokenizer = Path(args.tokenizer) if args.tokenizer else None
     tokenizer_sha = None
     if given_tokenizer is not None:

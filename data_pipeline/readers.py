@@ -175,6 +175,55 @@ def _add_file(
     files.append(InputFile(uri, kind[0], kind[1], size))
 
 
+def check_named_files(files: Sequence[InputFile], paths: Sequence[str]) -> None:
+    """Fails, naming the file, when a file named as an input (not found in a directory or by a glob) holds
+    no text at all: empty, binary, not UTF-8, or not readable through its compression. Inside a directory
+    such files are skipped and counted instead. Reads at most the first ``_BINARY_PROBE_BYTES`` of each."""
+    named = set(paths)
+    for item in files:
+        if item.uri in named:
+            _check_named_file(item)
+
+
+def _check_named_file(item: InputFile) -> None:
+    where = f"input {item.uri!r}"
+    if item.size == 0:
+        raise ValueError(f"{where}: empty file")
+    try:
+        if item.format == "parquet":
+            with _open(item) as raw:
+                pq.ParquetFile(raw)  # reads the footer
+            return
+        if item.format not in ("txt", "jsonl"):
+            return
+        with _open(item) as raw:
+            head = raw.read(_BINARY_PROBE_BYTES)
+    except (OSError, pa.ArrowException, EOFError, ValueError) as err:
+        kind = f"{item.compression}-compressed {item.format}" if item.compression else item.format
+        raise ValueError(f"{where}: unreadable as {kind} ({' '.join(str(err).split())[:200]})") from None
+    if not head:
+        raise ValueError(f"{where}: empty file (after decompression)")
+    if b"\x00" in head:
+        raise ValueError(f"{where}: a binary file (NUL bytes in its first {len(head)} bytes), not text")
+    lines = head.split(b"\n")
+    whole = len(head) < _BINARY_PROBE_BYTES
+    if not whole:
+        lines = lines[:-1]  # may end inside a character
+    lines = [line for line in lines if line.strip()]
+    if whole and not lines:
+        raise ValueError(f"{where}: holds only blank lines, no text")
+    if lines and not any(_is_utf8(line) for line in lines):
+        raise ValueError(f"{where}: not UTF-8 text (no line of its first {len(head)} bytes decodes as UTF-8)")
+
+
+def _is_utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
 def _open(item: InputFile) -> pa.NativeFile:
     fs, fs_path = _split_uri(item.uri)
     if item.format == "parquet":

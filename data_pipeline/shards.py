@@ -22,6 +22,8 @@ MANIFEST = "manifest.json"
 PROGRESS = ".progress.json"
 BATCH_ROWS = 1024
 TMP_SUFFIX = ".tmp"
+# The sections of a manifest that training reads (besides its fingerprint).
+MANIFEST_KEYS = ("tokenizer", "config", "splits")
 
 
 class ShardWriter:
@@ -75,12 +77,21 @@ def read_manifest(directory: Path) -> dict[str, Any]:
             f"dataset {str(directory)!r}: no {MANIFEST} (not a preprocessed dataset, or preprocessing did not finish)"
         )
     try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"dataset {str(directory)!r}: {MANIFEST} is not valid JSON ({err.msg})") from None
+        manifest = json.loads(path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        reason = err.msg if isinstance(err, json.JSONDecodeError) else "invalid UTF-8"
+        raise ValueError(f"dataset {str(directory)!r}: {MANIFEST} is not valid JSON ({reason})") from None
+    if not isinstance(manifest, dict):
+        raise ValueError(f"dataset {str(directory)!r}: {MANIFEST} is not a JSON object")
     version = manifest.get("schema_version")
     if version != SCHEMA_VERSION:
         raise ValueError(
             f"dataset {str(directory)!r}: schema_version {version!r}, this albert-scale reads {SCHEMA_VERSION}"
+        )
+    missing = [key for key in MANIFEST_KEYS if not isinstance(manifest.get(key), dict)]
+    if missing or "fingerprint" not in manifest:
+        raise ValueError(
+            f"dataset {str(directory)!r}: {MANIFEST} has no {(missing or ['fingerprint'])[0]!r} (incomplete, or "
+            "not written by albert-scale preprocess)"
         )
     return manifest

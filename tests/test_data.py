@@ -73,6 +73,7 @@ def test_dataset_reads_every_instance_memory_mapped(shards):
     assert np.all(types[mask == 0] == 0) and np.all(types[:, 0] == 0)
 
 
+@pytest.mark.reliability
 def test_corrupt_truncated_and_mismatched_shards_are_named(shards, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(shards, copy)

@@ -95,6 +95,7 @@ def test_two_workers_on_two_nodes_train_log_and_checkpoint(straight_run):
     assert checkpoint.checkpoint_name(STEPS) in snapshot
 
 
+@pytest.mark.reliability
 def test_killed_worker_restarts_from_checkpoint_with_the_same_final_weights(
     two_nodes, straight_run, tiny_shards, tmp_path
 ):

@@ -107,6 +107,20 @@ def test_register_links_the_training_run_and_loads_by_alias(
     missing = _cli(uri, "finetune", "--model", "models:/no-such-model@champion", "--task", "rotten-tomatoes")
     assert missing.returncode == 2 and "not found in the registry" in missing.stderr, missing.stderr
 
+    # Registration recorded the sha256 of every logged file; a file changed in the artifact store is refused.
+    version = client.get_model_version_by_alias("tiny-albert", "champion")
+    sums = json.loads(version.tags["albert_scale.sha256"])
+    assert "model/model.safetensors" in sums and "MLmodel" in sums
+    model_id = version.source.removeprefix("models:/")
+    (stored,) = [p for p in mlflow_server.root.rglob("model.safetensors") if model_id in p.parts]
+    stored.write_bytes(stored.read_bytes()[:-1] + b"\x00")
+    tampered = _cli(uri, "finetune", "--model", "models:/tiny-albert@champion", "--task", "rotten-tomatoes")
+    assert tampered.returncode == 2, tampered.stderr
+    assert error_lines(tampered.stderr) == [
+        "albert-scale finetune: error: --model models:/tiny-albert@champion: model/model.safetensors does not "
+        "match the sha256 recorded at registration (changed or damaged in the artifact store)"
+    ]
+
 
 def test_training_registers_its_model_at_the_end_when_configured(tiny_shards, tmp_path, mlflow_store):
     run = tmp_path / "run"

@@ -87,6 +87,7 @@ def test_checkpoints_are_complete_pruned_and_leftovers_removed(tmp_path):
 
 
 @pytest.mark.unit
+@pytest.mark.reliability
 @pytest.mark.parametrize("damage", ["flip", "truncate", "state"])
 def test_a_damaged_checkpoint_is_reported_and_skipped(tmp_path, damage):
     _write(tmp_path, 10, 1.0)
