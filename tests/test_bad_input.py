@@ -18,6 +18,7 @@ import gzip
 import hashlib
 import importlib
 import json
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -733,6 +734,18 @@ def checkpointed_run(tiny_shards, tmp_path_factory) -> Path:
         files={"spiece.model": (tiny_shards / "spiece.model").read_bytes()},
     )
     return run
+
+
+@pytest.fixture(autouse=True)
+def mlflow_global_uri_restored(monkeypatch):
+    """Commands run in this process point mlflow's global tracking URI (and MLFLOW_TRACKING_URI) at the
+    session's store; both are put back, so that later tests that choose another store get it."""
+    from mlflow.tracking._tracking_service import utils
+
+    saved = utils._tracking_uri
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", os.environ["MLFLOW_TRACKING_URI"])  # restored at teardown
+    yield
+    utils._tracking_uri = saved
 
 
 def files_under(*roots: Path) -> dict[str, str]:

@@ -18,10 +18,22 @@ pytestmark = pytest.mark.multiprocess
 ARGS = ("quickstart", "--config", "tiny", "--corpus", "lee", "--minutes", "1", "--name", "albert-smoke")
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_quickstart_runs_every_stage_and_continues_after_an_interruption(tmp_path):
     root = tmp_path / "qs"
     command = [str(BIN / "albert-scale"), *ARGS, "--output", str(root)]
-    first = subprocess.Popen(command, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    first = subprocess.Popen(
+        command,
+        env=subprocess_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        # Ctrl-C reaches Python as KeyboardInterrupt only when SIGINT is not ignored at its start, and a
+        # test run started in the background (nohup, `&` in a script) passes SIGINT on ignored.
+        preexec_fn=_default_sigint,
+    )
     checkpoints = root / "run" / "checkpoints"
     deadline = time.monotonic() + 240
     while first.poll() is None and time.monotonic() < deadline:
