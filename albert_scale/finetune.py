@@ -7,12 +7,12 @@ Usage:
 Downloads the model (a registry URI; every file is checked against the sha256 sums recorded when it was
 registered) or checks an export's sha256 sums (a directory), loads weights from safetensors only (nothing
 is unpickled), splits the labelled data into train and test by a hash of each text (the same split every
-time), fine-tunes
-``transformers.AlbertForSequenceClassification`` from the pretrained weights, and reports test accuracy
-against two baselines run beside it: the majority label, and the same architecture and recipe from
-random initialization. Logs its own MLflow run (experiment ``albert-scale-finetune``) tagged with the
-source model version and its training run. ``--task rotten-tomatoes`` is the built-in labelled corpus
-(``albert-scale corpus fetch rotten-tomatoes``); ``--data`` takes any JSONL with ``text`` and ``label``.
+time), fine-tunes ``transformers.AlbertForSequenceClassification`` from the pretrained weights, and reports
+test accuracy against two baselines run beside it: the majority label, and the same architecture and
+recipe from random initialization. Logs its own MLflow run (experiment ``albert-scale-finetune``) tagged
+with the source model version and its training run. ``--task rotten-tomatoes`` is the built-in labelled
+corpus (``albert-scale corpus fetch rotten-tomatoes``); ``--data`` takes any JSONL with ``text`` and
+``label``.
 
 Settings (``key=value``): epochs, batch_size, lr, weight_decay, warmup_fraction, max_seq_length,
 test_fraction, max_train_examples (0 = all), seed, baseline (true: also train from random init).
@@ -116,12 +116,17 @@ class Source:
 
 def check_model_uri(model: str) -> None:
     """A registry URI must name a model and an alias or a version (ValueError naming it otherwise)."""
-    if not model.startswith("models:/"):
-        return
-    reference = model.removeprefix("models:/")
+    if model.startswith("models:/"):
+        _registry_reference(model)
+
+
+def _registry_reference(uri: str) -> tuple[str, str, str]:
+    """``(NAME, "@", ALIAS)`` of ``models:/NAME@ALIAS``, ``(NAME, "/", VERSION)`` of ``models:/NAME/VERSION``."""
+    reference = uri.removeprefix("models:/")
     name, sep, rest = reference.partition("@") if "@" in reference else reference.rpartition("/")
     if not (sep and name and rest):
-        raise ValueError(f"--model {model!r}: expected models:/NAME@ALIAS or models:/NAME/VERSION")
+        raise ValueError(f"--model {uri!r}: expected models:/NAME@ALIAS or models:/NAME/VERSION")
+    return name, sep, rest
 
 
 def resolve_model(model: str, workdir: Path, say=print) -> Source:
@@ -142,16 +147,14 @@ def _from_registry(uri: str, workdir: Path, say=print) -> Source:
 
     from albert_scale.tracking import connect, first_line
 
+    name, sep, alias_or_version = _registry_reference(uri)
     registry = connect(log_level=logging.ERROR)
     client = mlflow.MlflowClient()
-    reference = uri.removeprefix("models:/")
     try:
-        if "@" in reference:
-            name, alias = reference.split("@", 1)
-            version = client.get_model_version_by_alias(name, alias)
+        if sep == "@":
+            version = client.get_model_version_by_alias(name, alias_or_version)
         else:
-            name, number = reference.rsplit("/", 1)
-            version = client.get_model_version(name, number)
+            version = client.get_model_version(name, alias_or_version)
         local = Path(mlflow.artifacts.download_artifacts(uri, dst_path=str(workdir)))
     except Exception as err:
         first = first_line(err) or type(err).__name__
@@ -180,11 +183,13 @@ def _check_sums(uri: str, local: Path, recorded: str | None, say) -> None:
         return
     for name, digest in json.loads(recorded).items():
         path = local / name
-        if not path.is_file() or sha256_file(path) != digest:
-            state = (
-                "is missing" if not path.is_file() else "does not match the sha256 recorded at registration"
-            )
-            raise ValueError(f"--model {uri}: {name} {state} (changed or damaged in the artifact store)")
+        if not path.is_file():
+            problem = "is missing"
+        elif sha256_file(path) != digest:
+            problem = "does not match the sha256 recorded at registration"
+        else:
+            continue
+        raise ValueError(f"--model {uri}: {name} {problem} (changed or damaged in the artifact store)")
 
 
 def load_examples(task: str | None, data: str | None) -> tuple[list[str], list[str]]:
