@@ -113,6 +113,7 @@ class MlflowTracker(Tracker):
         from mlflow import MlflowClient
 
         self.uri = uri
+        self.shown_uri = redact_text(uri)  # in messages: without a password it may carry
         self.client = MlflowClient(tracking_uri=uri)
         self.run_file = Path(run_dir) / RUN_FILE
         self.experiment = experiment
@@ -149,7 +150,7 @@ class MlflowTracker(Tracker):
         left = len(self.backlog) + self.queue.qsize()
         if left:
             self.say(
-                f"MLflow at {redact_text(self.uri)} did not take {left} pending record(s) before the end; the metrics are "
+                f"MLflow at {self.shown_uri} did not take {left} pending record(s) before the end; the metrics are "
                 f"in metrics.jsonl and the run can be logged again by rerunning when the server is up"
             )
         if self.monitor is not None:
@@ -181,7 +182,7 @@ class MlflowTracker(Tracker):
             if self.failing_since is None:
                 self.failing_since = time.monotonic()
                 self.say(
-                    f"MLflow at {redact_text(self.uri)} is not reachable "
+                    f"MLflow at {self.shown_uri} is not reachable "
                     f"({type(err).__name__}: {redact_text(first_line(err))}); "
                     "training goes on and the records are sent when it answers again"
                 )
@@ -190,7 +191,7 @@ class MlflowTracker(Tracker):
             outage = time.monotonic() - self.failing_since
             self.failing_since = None
             self.say(
-                f"MLflow at {redact_text(self.uri)} answers again after {outage:.0f} s; sending the records it missed"
+                f"MLflow at {self.shown_uri} answers again after {outage:.0f} s; sending the records it missed"
             )
         return True
 
