@@ -28,6 +28,8 @@ import pyarrow.parquet as pq
 FORMATS = {".txt": "txt", ".jsonl": "jsonl", ".parquet": "parquet", ".arrow": "arrow"}
 COMPRESSIONS = {".gz": "gzip", ".zst": "zstd", ".zstd": "zstd"}
 _BINARY_PROBE_BYTES = 8192
+_READ_ERRORS = (OSError, pa.ArrowException, EOFError, ValueError)
+"""What reading a corrupt, truncated or unreadable file raises."""
 
 
 @dataclass(frozen=True)
@@ -198,12 +200,12 @@ def _check_named_file(item: InputFile) -> None:
             return
         with _open(item) as raw:
             head = raw.read(_BINARY_PROBE_BYTES)
-    except (OSError, pa.ArrowException, EOFError, ValueError) as err:
+    except _READ_ERRORS as err:
         kind = f"{item.compression}-compressed {item.format}" if item.compression else item.format
-        raise ValueError(f"{where}: unreadable as {kind} ({' '.join(str(err).split())[:200]})") from None
+        raise ValueError(f"{where}: unreadable as {kind} ({_reason(err)})") from None
     if not head:
         raise ValueError(f"{where}: empty file (after decompression)")
-    if b"\x00" in head:
+    if _looks_binary(head):
         raise ValueError(f"{where}: a binary file (NUL bytes in its first {len(head)} bytes), not text")
     lines = head.split(b"\n")
     whole = len(head) < _BINARY_PROBE_BYTES
@@ -214,6 +216,16 @@ def _check_named_file(item: InputFile) -> None:
         raise ValueError(f"{where}: holds only blank lines, no text")
     if lines and not any(_is_utf8(line) for line in lines):
         raise ValueError(f"{where}: not UTF-8 text (no line of its first {len(head)} bytes decodes as UTF-8)")
+
+
+def _looks_binary(head: bytes) -> bool:
+    """A file whose first bytes (at most ``_BINARY_PROBE_BYTES``) hold a NUL byte is binary, not text."""
+    return b"\x00" in head
+
+
+def _reason(err: BaseException) -> str:
+    """An error's message on one line, at most 200 characters."""
+    return " ".join(str(err).split())[:200]
 
 
 def _is_utf8(data: bytes) -> bool:
@@ -240,9 +252,9 @@ def read_documents(item: InputFile, limits: ReadLimits) -> Iterator[tuple[str, s
             yield from _read_jsonl(item, limits)
         else:
             yield from _read_columnar(item, limits)
-    except (OSError, pa.ArrowException, EOFError, ValueError) as err:
+    except _READ_ERRORS as err:
         # A corrupt archive or an unreadable file ends that file's documents, counted with the reason.
-        yield "", f"unreadable file: {' '.join(str(err).split())[:200]}"
+        yield "", f"unreadable file: {_reason(err)}"
 
 
 def _lines(item: InputFile, limit: int) -> Iterator[bytes | None]:
@@ -251,7 +263,7 @@ def _lines(item: InputFile, limit: int) -> Iterator[bytes | None]:
     with _open(item) as raw:
         reader = io.BufferedReader(raw, buffer_size=1 << 20)  # type: ignore[arg-type]
         head = reader.peek(_BINARY_PROBE_BYTES)[:_BINARY_PROBE_BYTES]
-        if b"\x00" in head:
+        if _looks_binary(head):
             raise ValueError("binary file (NUL bytes)")
         while True:
             line = reader.readline(limit + 1)
