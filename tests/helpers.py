@@ -58,3 +58,21 @@ def cli(*args: str, timeout: float = 280, **env: str) -> subprocess.CompletedPro
 def error_lines(stderr: str) -> list[str]:
     """The ``PROG: error: ...`` lines of a command's stderr."""
     return [line for line in stderr.splitlines() if "error:" in line]
+
+
+def replace_checkpoint_tensor(step: Path, name: str, tensor) -> None:
+    """Puts ``tensor`` under ``name`` in the weights of the checkpoint ``step`` and records the file's new
+    sha256 in its state, as if the checkpoint had been written so (only a check of shapes can tell)."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from albert_scale import checkpoint
+    from albert_scale.fileio import sha256_file
+
+    weights = load_file(step / checkpoint.MODEL_FILE)
+    weights[name] = tensor
+    save_file(weights, str(step / checkpoint.MODEL_FILE))
+    state = json.loads((step / checkpoint.STATE_FILE).read_text())
+    state["files"][checkpoint.MODEL_FILE] = sha256_file(step / checkpoint.MODEL_FILE)
+    (step / checkpoint.STATE_FILE).write_text(json.dumps(state))

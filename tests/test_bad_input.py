@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from helpers import cli, error_lines, free_port
+from helpers import cli, error_lines, free_port, replace_checkpoint_tensor
 
 from albert_scale.cli import COMMANDS
 
@@ -158,18 +158,8 @@ def state_with_embedding_size(size: int) -> Setup:
 def weights_of_another_shape(place: Place) -> None:
     """Same config, but one tensor of another shape, with matching checksums (tensors from elsewhere)."""
     import torch
-    from safetensors.torch import load_file, save_file
 
-    from albert_scale import checkpoint
-    from albert_scale.fileio import sha256_file
-
-    step = place.checkpoint()
-    weights = load_file(step / checkpoint.MODEL_FILE)
-    weights["albert.pooler.bias"] = torch.zeros(7)
-    save_file(weights, str(step / checkpoint.MODEL_FILE))
-    state = json.loads((step / checkpoint.STATE_FILE).read_text())
-    state["files"][checkpoint.MODEL_FILE] = sha256_file(step / checkpoint.MODEL_FILE)
-    (step / checkpoint.STATE_FILE).write_text(json.dumps(state))
+    replace_checkpoint_tensor(place.checkpoint(), "albert.pooler.bias", torch.zeros(7))
 
 
 def use_run(place: Place) -> None:

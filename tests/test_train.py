@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import BIN, deepspeed_command, error_lines, free_port, subprocess_env
-from safetensors.torch import load_file, save_file
+from helpers import BIN, deepspeed_command, error_lines, free_port, replace_checkpoint_tensor, subprocess_env
+from safetensors.torch import load_file
 
 from albert_scale import checkpoint
 from albert_scale.fileio import sha256_file
@@ -309,13 +309,9 @@ def test_bad_input_is_one_line(straight, tiny_shards, tmp_path):
     shutil.copytree(straight, copy)
     assert "model.hidden_size=64" in fails("--config", "tiny", "--output", str(copy), "model.hidden_size=64")
     # a checkpoint whose tensors do not fit (same config, tensors from elsewhere)
-    broken = copy / checkpoint.CHECKPOINTS / "step-00000020"
-    weights = load_file(broken / checkpoint.MODEL_FILE)
-    weights["albert.pooler.bias"] = torch.zeros(7)
-    save_file(weights, str(broken / checkpoint.MODEL_FILE))
-    state = json.loads((broken / checkpoint.STATE_FILE).read_text())
-    state["files"][checkpoint.MODEL_FILE] = sha256_file(broken / checkpoint.MODEL_FILE)
-    (broken / checkpoint.STATE_FILE).write_text(json.dumps(state))
+    replace_checkpoint_tensor(
+        copy / checkpoint.CHECKPOINTS / "step-00000020", "albert.pooler.bias", torch.zeros(7)
+    )
     assert "albert.pooler.bias" in fails("--config", "tiny", "--output", str(copy), "schedule.total_steps=30")
 
 
