@@ -177,6 +177,13 @@ def _pickle(path: Path, marker: Path) -> None:
     torch.save({"w": _Payload(marker)}, path)
 
 
+def _write_checkpoint(run: Path, step: int) -> Path:
+    """A small complete checkpoint (one tensor and its moments) at ``step`` of ``run``."""
+    weights = {"w": torch.ones(3, 2)}
+    moments = {"exp_avg": {"w": torch.zeros(3, 2)}, "exp_avg_sq": {"w": torch.ones(3, 2)}}
+    return checkpoint.write(run, step, weights=weights, moments=moments, state={}, keep=3)
+
+
 @pytest.mark.unit
 def test_no_code_path_unpickles():
     """The package, pipeline and cluster code never calls a loader that unpickles."""
@@ -195,10 +202,8 @@ def test_no_code_path_unpickles():
 
 @pytest.mark.unit
 def test_a_checkpoint_holding_a_pickle_is_skipped_not_loaded(tmp_path):
-    weights = {"w": torch.ones(3, 2)}
-    moments = {"exp_avg": {"w": torch.zeros(3, 2)}, "exp_avg_sq": {"w": torch.ones(3, 2)}}
-    checkpoint.write(tmp_path, 10, weights=weights, moments=moments, state={}, keep=3)
-    newest = checkpoint.write(tmp_path, 20, weights=weights, moments=moments, state={}, keep=3)
+    _write_checkpoint(tmp_path, 10)
+    newest = _write_checkpoint(tmp_path, 20)
     marker = tmp_path / "unpickled.txt"
     _pickle(newest / checkpoint.MODEL_FILE, marker)
     warnings: list[str] = []
@@ -209,9 +214,7 @@ def test_a_checkpoint_holding_a_pickle_is_skipped_not_loaded(tmp_path):
 
 @pytest.mark.multiprocess
 def test_export_refuses_a_checkpoint_holding_a_pickle(tmp_path):
-    weights = {"w": torch.ones(3, 2)}
-    moments = {"exp_avg": {"w": torch.zeros(3, 2)}, "exp_avg_sq": {"w": torch.ones(3, 2)}}
-    only = checkpoint.write(tmp_path / "run", 10, weights=weights, moments=moments, state={}, keep=3)
+    only = _write_checkpoint(tmp_path / "run", 10)
     marker = tmp_path / "unpickled.txt"
     _pickle(only / checkpoint.MODEL_FILE, marker)
     proc = cli("export", "--checkpoint", str(only), "--output", str(tmp_path / "export"))
