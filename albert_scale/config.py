@@ -280,7 +280,12 @@ class TrackingConfig:
     experiment: str = "albert-scale"
     """MLflow experiment of the run."""
     system_metrics: bool = True
-    """Also log CPU, memory, disk, network and GPU use of the node."""
+    """Also log CPU, memory, disk, network and GPU use of each node."""
+    system_metrics_interval: float = 30.0
+    """Seconds between two samples of system metrics (each sample is read back from and written to the
+    tracking store)."""
+    flush_seconds: float = 10.0
+    """Metrics are sent at most this often, the ones logged meanwhile in one call (0 = at once)."""
     register_name: str = ""
     """At the end of training, export to RUN_DIR/export and register it under this name (empty = no)."""
     register_alias: str = "candidate"
@@ -288,6 +293,13 @@ class TrackingConfig:
 
     def __post_init__(self) -> None:
         _require(bool(self.experiment.strip()), "experiment", self.experiment, "must not be empty")
+        _require(
+            self.system_metrics_interval > 0,
+            "system_metrics_interval",
+            self.system_metrics_interval,
+            "must be > 0",
+        )
+        _require(self.flush_seconds >= 0, "flush_seconds", self.flush_seconds, "must be >= 0")
         _no_secret(
             "uri", self.uri, "MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD or MLFLOW_TRACKING_TOKEN"
         )

@@ -34,7 +34,8 @@ RETRY_SECONDS = 5.0
 """Pause between attempts to reach a tracking server that did not answer."""
 CLOSE_SECONDS = 30.0
 """How long the end of a run waits for pending records to be sent."""
-MAX_PARAMS_PER_CALL = 100  # MLflow's limit per log_batch
+MAX_PARAMS_PER_CALL = 100  # MLflow's limits per log_batch
+MAX_METRICS_PER_CALL = 1000
 
 
 class Tracker:
@@ -107,6 +108,8 @@ class MlflowTracker(Tracker):
         uri: str,
         say: Callable[[str], None],
         system_metrics: bool = True,
+        system_metrics_interval: float = 30.0,
+        flush_seconds: float = 10.0,
     ):
         # A tracking server that does not answer must not hold the thread for minutes (this class retries).
         connect(uri, timeout_seconds=10)
@@ -122,6 +125,8 @@ class MlflowTracker(Tracker):
         self.tags = dict(tags)
         self.say = say
         self.system_metrics = system_metrics
+        self.system_metrics_interval = system_metrics_interval
+        self.flush_seconds = flush_seconds
         self.monitor: Any = None
         self.run_id = self._saved_run_id()
         self.resumed = self.run_id is not None
@@ -159,19 +164,31 @@ class MlflowTracker(Tracker):
     # --- the thread's side ----------------------------------------------------------------------------------
 
     def _work(self) -> None:
+        last_sent = -float("inf")
         while True:
             try:
                 item = self.queue.get(timeout=RETRY_SECONDS if self.backlog else None)
                 self.backlog.append(item)
+                # Metrics wait for the rest of the flush interval, to go out in one call with those that
+                # follow (each call is a database transaction on the server); anything else goes at once.
+                while (
+                    item[0] == "metrics" and (wait := last_sent + self.flush_seconds - time.monotonic()) > 0
+                ):
+                    item = self.queue.get(timeout=wait)
+                    self.backlog.append(item)
                 while True:  # take whatever else is waiting, to send it in few calls
                     self.backlog.append(self.queue.get_nowait())
             except queue.Empty:
                 pass
             if self.run_id is None and not self._try(self._start):
                 continue
-            while self.backlog and self._try(lambda: self._send(self.backlog[0])):
-                kind, _ = self.backlog.pop(0)
-                if kind == "end":
+            while self.backlog:
+                items = _next_call(self.backlog)
+                if not self._try(lambda items=items: self._send(items)):
+                    break
+                del self.backlog[: len(items)]
+                last_sent = time.monotonic()
+                if items[-1][0] == "end":
                     self.done.set()
                     return
 
@@ -231,21 +248,38 @@ class MlflowTracker(Tracker):
 
     def _start_monitor(self) -> None:
         if self.system_metrics and self.monitor is None:
-            self.monitor = start_node_monitor(self.run_id, self.uri)
+            self.monitor = start_node_monitor(self.run_id, self.uri, self.system_metrics_interval)
 
-    def _send(self, item: tuple[str, Any]) -> None:
+    def _send(self, items: list[tuple[str, Any]]) -> None:
         from mlflow.entities import Metric
 
-        kind, payload = item
+        kind, payload = items[0]
         if kind == "metrics":
-            metrics, step, stamp = payload
-            batch = [Metric(k, float(v), stamp, step) for k, v in metrics.items() if v is not None and v == v]
+            batch = [
+                Metric(k, float(v), stamp, step)
+                for _, (metrics, step, stamp) in items
+                for k, v in metrics.items()
+                if v is not None and v == v
+            ]
             self.client.log_batch(self.run_id, metrics=batch)
         elif kind == "artifact":
             path, artifact_path = payload
             self.client.log_artifact(self.run_id, path, artifact_path)
         elif kind == "end":
             self.client.set_terminated(self.run_id, status=payload)
+
+
+def _next_call(backlog: list[tuple[str, Any]]) -> list[tuple[str, Any]]:
+    """The records the next call sends: the leading metrics records, as many as one log_batch takes
+    (at least one), or the one other record at the front."""
+    if backlog[0][0] != "metrics":
+        return backlog[:1]
+    taken, count = 0, 0
+    for kind, payload in backlog:
+        if kind != "metrics" or (taken and count + len(payload[0]) > MAX_METRICS_PER_CALL):
+            break
+        taken, count = taken + 1, count + len(payload[0])
+    return backlog[:taken]
 
 
 def connect(uri: str | None = None, *, timeout_seconds: int = 120, log_level: int = logging.WARNING) -> str:
@@ -268,13 +302,12 @@ def connect(uri: str | None = None, *, timeout_seconds: int = 120, log_level: in
     return uri
 
 
-def start_node_monitor(run_id: str, uri: str) -> Any:
+def start_node_monitor(run_id: str, uri: str, interval: float) -> Any:
     """System metrics of this node into the run (rank 0's tracker, and the first rank of every other
     node); returns the monitor to ``finish()``, or None when MLflow cannot be reached."""
     from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
     connect(uri)
-    interval = float(os.environ.get("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "10"))  # MLflow's variable
     try:
         monitor = SystemMetricsMonitor(
             run_id,

@@ -318,7 +318,9 @@ def _node_monitor(config: Config, process: Any, run_id: str | None) -> Any:
         return None
     from albert_scale.tracking import start_node_monitor
 
-    return start_node_monitor(shared[0], tracking_uri(config.tracking.uri))
+    return start_node_monitor(
+        shared[0], tracking_uri(config.tracking.uri), config.tracking.system_metrics_interval
+    )
 
 
 def open_tracker(config: Config, output: Path, dataset: ShardedDataset, process: Any, warn) -> Tracker:
@@ -344,6 +346,8 @@ def open_tracker(config: Config, output: Path, dataset: ShardedDataset, process:
         uri=tracking_uri(config.tracking.uri),
         say=warn,
         system_metrics=config.tracking.system_metrics,
+        system_metrics_interval=config.tracking.system_metrics_interval,
+        flush_seconds=config.tracking.flush_seconds,
     )
     tracker.log_artifact(output / CONFIG_FILE)
     tracker.log_artifact(output / DEEPSPEED_CONFIG_FILE)

@@ -23,9 +23,13 @@ def _client(uri: str):
 
 def _start_training(data: Path, run: Path, uri: str, *extra: str) -> subprocess.Popen:
     args = [str(BIN / "albert-scale"), "train", "--config", "tiny", "--data", str(data), "--output", str(run)]
-    env = subprocess_env(MLFLOW_TRACKING_URI=uri, MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL="1")
+    env = subprocess_env(MLFLOW_TRACKING_URI=uri)
     return subprocess.Popen(
-        [*args, *extra], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        [*args, "tracking.system_metrics_interval=1", *extra],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
 
 
