@@ -283,7 +283,7 @@ class TrackingConfig:
     """Also log CPU, memory, disk, network and GPU use of each node."""
     system_metrics_interval: float = 30.0
     """Seconds between two samples of system metrics (each sample is read back from and written to the
-    tracking store)."""
+    tracking store); MLflow's MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL, when set, takes precedence."""
     flush_seconds: float = 10.0
     """Metrics are sent at most this often, the ones logged meanwhile in one call (0 = at once)."""
     register_name: str = ""

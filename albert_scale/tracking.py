@@ -107,9 +107,9 @@ class MlflowTracker(Tracker):
         tags: Mapping[str, str],
         uri: str,
         say: Callable[[str], None],
+        system_metrics_interval: float,
+        flush_seconds: float,
         system_metrics: bool = True,
-        system_metrics_interval: float = 30.0,
-        flush_seconds: float = 10.0,
     ):
         # A tracking server that does not answer must not hold the thread for minutes (this class retries).
         connect(uri, timeout_seconds=10)

@@ -37,6 +37,7 @@ def test_every_record_arrives_and_the_end_does_not_wait_for_the_flush_interval(t
         uri=uri,
         say=said.append,
         system_metrics=False,
+        system_metrics_interval=30.0,
         flush_seconds=flush_seconds,
     )
     for step in range(1, 401):
