@@ -172,8 +172,11 @@ def init_distributed() -> Distributed:
         if "MASTER_PORT" not in os.environ:
             os.environ["MASTER_PORT"] = str(_free_port())
     accelerator = get_accelerator()
+    joined = deepspeed.comm.is_initialized()
     with contextlib.redirect_stdout(io.StringIO()):  # "DeepSpeed ... shm_comm_op built successfully"
         deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name(), verbose=False)
+    if not joined:
+        _unlink_shared_buffers()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     accelerator.set_device(local_rank)
     return Distributed(
@@ -182,6 +185,35 @@ def init_distributed() -> Distributed:
         world_size=dist.get_world_size(),
         device=torch.device(accelerator.device_name(local_rank)),
     )
+
+
+SHARED_BUFFER_DIR = "/dev/shm"
+
+
+def _unlink_shared_buffers() -> None:
+    """Removes the name of this rank's shared-memory all-reduce buffer once every rank has mapped it.
+
+    When all ranks share one machine (the launcher's LOCAL_SIZE equals the world size), DeepSpeed's CPU
+    communication op creates one buffer per rank in /dev/shm, about 70 MB each, and every rank maps
+    all of them while the group starts. It never removes them, so each run would leave them behind,
+    filling the machine's memory run after run. After the barrier every rank holds its mappings,
+    which outlive the names: this rank unlinks its own, and nothing is left even if the run is killed.
+    """
+    world_size = dist.get_world_size()
+    if world_size == 1 or os.environ.get("LOCAL_SIZE") != str(world_size):
+        return
+    dist.barrier()
+    name = "_".join(
+        (
+            "deepspeed_allreduce_buffer",
+            str(os.getuid()),
+            os.environ.get("MASTER_ADDR", ""),
+            os.environ.get("MASTER_PORT", ""),
+            str(dist.get_rank()),
+        )
+    )
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(os.path.join(SHARED_BUFFER_DIR, name))
 
 
 def release_distributed() -> None:

@@ -94,6 +94,8 @@ class MlflowServer:
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            # MLflow's job runner (GenAI evaluation) is not used, and would leave its queue in /dev/shm.
+            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -37,6 +37,7 @@ from test_optim import (
 )
 
 import albert_scale.optim
+from albert_scale.engine import init_distributed
 from albert_scale.optim import Lamb, param_groups, zero_partition_layout
 
 BF16_STEPS = 3
@@ -162,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--local_rank", type=int, default=0)  # passed by the deepspeed launcher
     args = parser.parse_args(argv)
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-    deepspeed.init_distributed(dist_backend="gloo")
+    init_distributed()  # gloo on CPU; leaves no shared-memory buffers behind
     torch.set_num_threads(1)
 
     runs = {
