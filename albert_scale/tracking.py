@@ -308,6 +308,8 @@ def start_node_monitor(run_id: str, uri: str, interval: float) -> Any:
     from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
     connect(uri)
+    # An outage is reported once, by the tracker; MLflow's monitor would warn at every sample.
+    logging.getLogger("mlflow.system_metrics").setLevel(logging.ERROR)
     try:
         monitor = SystemMetricsMonitor(
             run_id,

@@ -96,6 +96,7 @@ def test_two_workers_on_two_nodes_train_log_and_checkpoint(straight_run):
 
 
 @pytest.mark.reliability
+@pytest.mark.slow
 def test_killed_worker_restarts_from_checkpoint_with_the_same_final_weights(
     two_nodes, straight_run, tiny_shards, tmp_path
 ):

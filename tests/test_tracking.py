@@ -124,6 +124,7 @@ def test_a_server_that_is_down_at_start_gets_the_records_when_it_comes_up(
 
 
 @pytest.mark.reliability
+@pytest.mark.slow
 def test_a_server_killed_mid_run_and_restarted_misses_nothing(mlflow_server, tiny_shards, tmp_path):
     run = tmp_path / "run"
     proc = _start_training(
@@ -135,6 +136,7 @@ def test_a_server_killed_mid_run_and_restarted_misses_nothing(mlflow_server, tin
         "train.eval_every=100",
         "train.checkpoint_every=50",
         "train.keep_checkpoints=20",
+        "tracking.flush_seconds=0",  # each record is sent at once: the outage is met while training
     )
     try:
         _wait(
