@@ -286,12 +286,14 @@ class PretrainingLoader:
         per_rank = self.global_batch_size // self.world_size
         mine = indices[self.rank * per_rank : (self.rank + 1) * per_rank]
         mask_epoch = 0 if self.static_masking else self.cursor.epoch
-        batches = []
-        for start in range(0, per_rank, self.micro_batch_size):
-            chunk = mine[start : start + self.micro_batch_size]
-            batches.append(self.make_batch(chunk, phase, mask_epoch))
+        # The rank's whole slice is collated and masked at once, then cut: one call pays masking's fixed
+        # cost once per step, and an example's mask does not depend on the batch it is masked in.
+        whole = self.make_batch(mine, phase, mask_epoch)
         self.cursor = Cursor(self.cursor.epoch, self.cursor.consumed + self.global_batch_size)
-        return batches
+        return [
+            {key: tensor[start : start + self.micro_batch_size] for key, tensor in whole.items()}
+            for start in range(0, per_rank, self.micro_batch_size)
+        ]
 
     def mask(self, indices: np.ndarray, input_ids: np.ndarray, phase: Phase, mask_epoch: int) -> MaskedBatch:
         """Masks padded ``input_ids`` of the given dataset indices, keyed by (seed, epoch, index)."""
