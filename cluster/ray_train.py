@@ -30,6 +30,7 @@ from typing import Any
 from albert_scale import checkpoint
 from albert_scale.cli import RunStopped
 from albert_scale.config import Config, build, check, launcher_world_size
+from albert_scale.ray_address import check_cluster_address
 from albert_scale.tracking import absolute_uri, first_line, tracking_uri
 
 # The metric a worker reports when the run stopped on purpose (e.g. a non-finite loss): every rank stops
@@ -47,6 +48,7 @@ def fit(config: Config, *, data: Path, output: Path, stop_at_step: int | None, q
     data, output = data.resolve(), output.resolve()
     config = _for_workers(config)
     preflight(config, data=data, output=output)
+    check_cluster_address(config.cluster.address, "cluster.address")
     output.mkdir(parents=True, exist_ok=True)
 
     import ray

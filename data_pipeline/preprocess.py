@@ -36,6 +36,7 @@ from tqdm import tqdm
 from albert_scale.cli import add_config_arguments, move_overrides, stage_main
 from albert_scale.config import Config, check_sequence_length, load_config
 from albert_scale.fileio import atomic_write_bytes, atomic_write_text, sha256_file
+from albert_scale.ray_address import check_cluster_address
 from data_pipeline import tokenizer as tok
 from data_pipeline.instances import SCHEMA_VERSION, SHARD_SCHEMA
 from data_pipeline.readers import InputFile, ReadLimits, check_named_files, discover, fingerprint_inputs
@@ -299,6 +300,7 @@ def run(args: argparse.Namespace) -> int:
     if given_tokenizer is not None:
         tok.load(given_tokenizer, vocab_size=config.model.vocab_size)
         tokenizer_sha = sha256_file(given_tokenizer)
+    check_cluster_address(args.ray_address, "--ray-address")
     output = Path(args.output)
     fp = fingerprint(files, config, tokenizer_sha)
     progress = prepare_output(output, fp)

@@ -285,6 +285,14 @@ CASES = [
         "input '{tmp}/corpus.txt': no such file or directory",
     ),
     Case(
+        "preprocess-unreachable-ray-address",
+        "preprocess",
+        (*PREPROCESS, "--input", "{tmp}/a.txt", "--output", "{tmp}/out", "--ray-address", "127.0.0.1:1"),
+        "--ray-address='127.0.0.1:1': cannot reach the Ray cluster (connection refused)",
+        write("a.txt", TEXT),
+        within=10,
+    ),
+    Case(
         "preprocess-unsupported-extension",
         "preprocess",
         (*PREPROCESS, "--input", "{tmp}/corpus.docx", "--output", "{tmp}/out"),
@@ -465,6 +473,21 @@ CASES = [
             "model.max_position_embeddings=128",
         ),
         "data.max_seq_length=128: the dataset '{shards}' holds instances of at most 64 tokens",
+    ),
+    Case(
+        "train-unreachable-ray-address",
+        "train",
+        (
+            *TRAIN,
+            "--data",
+            "{shards}",
+            "--output",
+            "{tmp}/run",
+            "cluster.backend=ray",
+            "cluster.address=127.0.0.1:1",
+        ),
+        "cluster.address='127.0.0.1:1': cannot reach the Ray cluster (connection refused)",
+        within=10,
     ),
     Case(
         "train-resume-with-another-model-config",
