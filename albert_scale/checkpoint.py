@@ -42,8 +42,6 @@ STATE_FILE = "state.json"
 FORMAT_VERSION = 1
 _NAME = re.compile(r"^step-(\d{8})$")
 _TMP_PREFIX = ".tmp-step-"
-TRY_PREVIOUS = "; trying the previous checkpoint"
-"""How :func:`load_latest` ends the warning about a damaged checkpoint."""
 
 
 @dataclass
@@ -166,12 +164,13 @@ def load(path: Path, *, verify: bool = True) -> Checkpoint:
 
 
 def load_latest(run_dir: Path, *, warn: Callable[[str], None]) -> Checkpoint | None:
-    """The newest good checkpoint of a run (None if there is none); damaged ones are reported and skipped."""
+    """The newest good checkpoint of a run (None if there is none). A damaged one is skipped for the one
+    before it, after ``warn`` is given what is wrong with it (one line naming it)."""
     for _, path in reversed(list_checkpoints(run_dir)):
         try:
             return load(path)
         except ValueError as err:
-            warn(f"{err}{TRY_PREVIOUS}")
+            warn(str(err))
     return None
 
 

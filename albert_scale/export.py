@@ -74,15 +74,14 @@ def find_checkpoint(path: Path, *, say=print) -> checkpoint.Checkpoint:
     found = checkpoint.load_latest(path, warn=damaged.append)
     if found is None and damaged:
         raise ValueError(
-            f"--checkpoint {str(path)!r}: no intact checkpoint in the run; the newest: "
-            f"{damaged[0].removesuffix(checkpoint.TRY_PREVIOUS)}"
+            f"--checkpoint {str(path)!r}: no intact checkpoint in the run; the newest: {damaged[0]}"
         )
     if found is None:
         raise ValueError(
             f"--checkpoint {str(path)!r}: neither a checkpoint nor a run directory with checkpoints"
         )
     for message in damaged:
-        say(f"warning: {message}")
+        say(f"warning: {message}; exporting an earlier checkpoint")
     return found
 
 

@@ -378,7 +378,11 @@ def make_loader(
 def _resume_point(output: Path, *, rank0: bool, warn) -> checkpoint.Checkpoint | None:
     """The checkpoint to resume from (collective): rank 0 picks the newest good one, verifying its
     checksums, and tells the others, which read that one without verifying it again."""
-    found = checkpoint.load_latest(output, warn=warn) if rank0 else None
+    found = None
+    if rank0:
+        found = checkpoint.load_latest(
+            output, warn=lambda damage: warn(f"{damage}; trying the previous checkpoint")
+        )
     chosen = [str(found.path) if found is not None else None]
     dist.broadcast_object_list(chosen, src=0)
     if rank0 or chosen[0] is None:
