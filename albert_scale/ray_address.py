@@ -28,8 +28,7 @@ def check_reachable(address: str | None, name: str, *, timeout: float = TIMEOUT_
     """Raises ValueError naming ``name`` (the option or key that gave the address) when ``HOST:PORT``
     (or ``ray://HOST:PORT``, a Ray Client server) does not accept a TCP connection within ``timeout``
     seconds. ``auto``, ``local``, no address and an address without a port are left to Ray."""
-    target = (address or "").strip()
-    target = target.removeprefix("ray://")
+    target = (address or "").strip().removeprefix("ray://")
     host, sep, port = target.rpartition(":")
     if target in _RESOLVED_BY_RAY or not sep or "/" in target:
         return

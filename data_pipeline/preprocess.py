@@ -77,8 +77,7 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--ray-address",
-        default=os.environ.get("RAY_ADDRESS"),
-        metavar="ADDR",
+        metavar="ADDR",  # unset: ray.init reads RAY_ADDRESS itself, and errors name that variable
         help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray in this process)",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
