@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from helpers import deepspeed_command, subprocess_env
+from helpers import deepspeed_command, run_ranks, subprocess_env
 
 from albert_scale.config import CONFIG_DIR, ConfigError, load_config
 from albert_scale.engine import deepspeed_config
@@ -188,14 +187,7 @@ def test_every_preset_generates_a_config(preset):
 
 
 def _run_worker(command: list[str], out: Path) -> dict:
-    proc = subprocess.run(
-        [*command, "--output", str(out)],
-        env=subprocess_env(),
-        capture_output=True,
-        text=True,
-        timeout=240,
-        cwd=TESTS.parent,
-    )
+    proc = run_ranks([*command, "--output", str(out)], env=subprocess_env(), timeout=240, cwd=TESTS.parent)
     if proc.returncode != 0 or not (out / "results.json").exists():
         pytest.fail(
             f"engine_worker failed ({proc.returncode}):\n{proc.stdout[-5000:]}\n{proc.stderr[-5000:]}"

@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 import sentencepiece as spm
 import torch
-from helpers import BIN, cli, deepspeed_command, subprocess_env
+from helpers import BIN, cli, deepspeed_command, run_ranks, subprocess_env
 
 from albert_scale import checkpoint
 from albert_scale.config import Config, build
@@ -36,10 +35,8 @@ def exported(tiny_shards, tmp_path_factory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("export")
     command = deepspeed_command(2, BIN / "albert-scale", "train")
     args = ["--config", "tiny", "--data", str(tiny_shards), "--output", str(root / "run"), "--quiet"]
-    proc = subprocess.run(
+    proc = run_ranks(
         [*command, *args, "--stop-at-step", "4", "zero.stage=3", "train.micro_batch_size=4"],
-        capture_output=True,
-        text=True,
         env=subprocess_env(),
         timeout=280,
     )

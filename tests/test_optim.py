@@ -5,12 +5,11 @@ from __future__ import annotations
 import copy
 import itertools
 import math
-import subprocess
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import deepspeed_command, subprocess_env
+from helpers import deepspeed_command, run_ranks, subprocess_env
 from torch import nn
 from torch.testing import assert_close
 
@@ -426,9 +425,7 @@ def zero_results(tmp_path_factory) -> dict:
     saved."""
     out = tmp_path_factory.mktemp("zero")
     command = deepspeed_command(WORLD_SIZE, TESTS / "zero_worker.py", "--output", str(out))
-    proc = subprocess.run(
-        command, env=subprocess_env(), capture_output=True, text=True, timeout=270, cwd=TESTS.parent
-    )
+    proc = run_ranks(command, env=subprocess_env(), timeout=270, cwd=TESTS.parent)
     if proc.returncode != 0 or not (out / "results.pt").exists():
         pytest.fail(f"zero_worker failed ({proc.returncode}):\n{proc.stdout[-5000:]}\n{proc.stderr[-5000:]}")
     return torch.load(out / "results.pt")

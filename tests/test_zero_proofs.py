@@ -32,7 +32,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import deepspeed_command, subprocess_env
+from helpers import deepspeed_command, run_ranks, subprocess_env
 from torch.testing import assert_close
 
 TESTS = Path(__file__).resolve().parent
@@ -48,9 +48,7 @@ def _launch(proof: str, out: Path, *, timeout: float) -> float:
     env = subprocess_env()
     started = time.perf_counter()
     try:
-        proc = subprocess.run(
-            command, env=env, capture_output=True, text=True, timeout=timeout, cwd=TESTS.parent
-        )
+        proc = run_ranks(command, env=env, timeout=timeout, cwd=TESTS.parent)
     except subprocess.TimeoutExpired as err:
         output = err.stdout.decode(errors="replace") if isinstance(err.stdout, bytes) else str(err.stdout)
         pytest.fail(f"proof_worker --proof {proof} timed out after {timeout} s:\n{output[-5000:]}")
