@@ -64,14 +64,65 @@ def text_hash(text: str) -> int:
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") & (2**63 - 1)
 
 
-def truncate_pair(a: list[int], b: list[int], max_tokens: int, rng: random.Random) -> None:
-    """Trims the longer segment, from the front or the back at random, until the pair fits."""
-    while len(a) + len(b) > max_tokens:
-        longer = a if len(a) > len(b) else b
-        if rng.random() < 0.5:
-            del longer[0]
+Span = tuple[int, int, int, int, int]
+"""An instance as positions in its document's tokens: (A start, A end, B start, B end, sop label)."""
+
+
+def document_spans(
+    sentence_lengths: Sequence[int],
+    *,
+    max_seq_length: int,
+    short_seq_prob: float,
+    rng: random.Random,
+) -> list[Span]:
+    """The SOP instances of one document whose sentences, in order, have the given token counts.
+
+    Spans index the document's tokens laid end to end; A and B are already swapped (label 1) and
+    truncated. The random draws are those of create_pretraining_data, in its order: the target length
+    once per document; per chunk, the A/B split point, the swap, and one draw per token trimmed."""
+    max_tokens = max_seq_length - 3
+    target = max_tokens  # drawn once per document, as the original does
+    if rng.random() < short_seq_prob:
+        target = rng.randint(2, max_tokens)
+    spans: list[Span] = []
+    chunk: list[int] = []  # starts of the chunk's sentences
+    length = 0
+    position = 0
+    last = len(sentence_lengths) - 1
+    for i, n in enumerate(sentence_lengths):
+        if not n:
+            continue
+        chunk.append(position)
+        position += n
+        length += n
+        if i < last and length < target:
+            continue
+        if len(chunk) >= 2:
+            a = (chunk[0], chunk[rng.randint(1, len(chunk) - 1)])
+            b = (a[1], position)
+        elif length >= 2:
+            cut = chunk[0] + rng.randint(1, length - 1)
+            a, b = (chunk[0], cut), (cut, position)
         else:
-            longer.pop()
+            a = b = (0, 0)
+        if a[1] > a[0] and b[1] > b[0]:
+            swapped = rng.random() < 0.5
+            if swapped:
+                a, b = b, a
+            (a0, a1), (b0, b1) = a, b
+            while (a1 - a0) + (b1 - b0) > max_tokens:  # trim the longer, from the front or the back
+                if a1 - a0 > b1 - b0:
+                    if rng.random() < 0.5:
+                        a0 += 1
+                    else:
+                        a1 -= 1
+                elif rng.random() < 0.5:
+                    b0 += 1
+                else:
+                    b1 -= 1
+            spans.append((a0, a1, b0, b1, int(swapped)))
+        chunk, length = [], 0
+    return spans
 
 
 def document_instances(
@@ -81,40 +132,15 @@ def document_instances(
     short_seq_prob: float,
     rng: random.Random,
 ) -> list[tuple[list[int], int, int]]:
-    """The SOP instances of one document: (input_ids, segment A length, sop label) each."""
-    max_tokens = max_seq_length - 3
-    target = max_tokens  # drawn once per document, as the original does
-    if rng.random() < short_seq_prob:
-        target = rng.randint(2, max_tokens)
-    instances: list[tuple[list[int], int, int]] = []
-    chunk: list[Sequence[int]] = []
-    length = 0
-    for i, sentence in enumerate(sentences):
-        if not sentence:
-            continue
-        chunk.append(sentence)
-        length += len(sentence)
-        if i < len(sentences) - 1 and length < target:
-            continue
-        if len(chunk) >= 2:
-            a_end = rng.randint(1, len(chunk) - 1)
-            a = [t for s in chunk[:a_end] for t in s]
-            b = [t for s in chunk[a_end:] for t in s]
-        else:
-            tokens = list(chunk[0])
-            if len(tokens) < 2:
-                a, b = [], []
-            else:
-                cut = rng.randint(1, len(tokens) - 1)
-                a, b = tokens[:cut], tokens[cut:]
-        if a and b:
-            swapped = rng.random() < 0.5
-            if swapped:
-                a, b = b, a
-            truncate_pair(a, b, max_tokens, rng)
-            instances.append(([CLS_ID, *a, SEP_ID, *b, SEP_ID], len(a), int(swapped)))
-        chunk, length = [], 0
-    return instances
+    """The SOP instances of one document as token lists: (input_ids, segment A length, sop label) each."""
+    tokens = [t for sentence in sentences for t in sentence]
+    spans = document_spans(
+        [len(s) for s in sentences], max_seq_length=max_seq_length, short_seq_prob=short_seq_prob, rng=rng
+    )
+    return [
+        ([CLS_ID, *tokens[a0:a1], SEP_ID, *tokens[b0:b1], SEP_ID], a1 - a0, sop)
+        for a0, a1, b0, b1, sop in spans
+    ]
 
 
 def instances_table(rows: list[tuple[list[int], int, int, int]]) -> pa.Table:

@@ -8,6 +8,7 @@ prepares, encodes and builds each document's SOP instances. A document that cann
 
 from __future__ import annotations
 
+import itertools
 import random
 from collections.abc import Iterator
 from typing import Any
@@ -19,14 +20,15 @@ import pyarrow.compute as pc
 from data_pipeline import tokenizer as tok
 from data_pipeline.instances import (
     SHARD_SCHEMA,
-    document_instances,
     document_key,
     document_seed,
+    document_spans,
     is_validation,
     text_hash,
 )
 from data_pipeline.readers import InputFile, ReadLimits, read_documents
 from data_pipeline.text import normalize_many, split_sentences
+from data_pipeline.tokenizer import CLS_ID, SEP_ID
 
 ENCODED_SCHEMA = pa.schema(
     [
@@ -83,9 +85,8 @@ def prepare_documents(batch: pa.Table, *, lowercase: bool) -> pa.Table:
     )
 
 
-def _list_array(values: list[list[Any]], child: pa.Array) -> pa.Array:
-    lengths = np.fromiter((len(v) for v in values), dtype=np.int32, count=len(values))
-    offsets = np.zeros(len(values) + 1, dtype=np.int32)
+def _list_array(lengths: np.ndarray, child: pa.Array) -> pa.Array:
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int32)
     np.cumsum(lengths, out=offsets[1:])
     return pa.ListArray.from_arrays(pa.array(offsets), child)
 
@@ -119,45 +120,61 @@ class DocumentEncoder:
         )
         flat = [s for sentences in sentence_lists for s in sentences]
         encoded = self.processor.encode(flat, num_threads=1) if flat else []  # one core per actor
-        per_document: list[list[tuple[list[int], int, int]]] = []
-        start = 0
-        for i, (key, sentences) in enumerate(zip(documents, sentence_lists, strict=True)):
-            ids = encoded[start : start + len(sentences)]
-            start += len(sentences)
-            instances = []
+        lengths = [len(ids) for ids in encoded]
+        tokens = np.fromiter(itertools.chain.from_iterable(encoded), np.int32, count=sum(lengths))
+        spans: list[tuple[int, int, int, int, int]] = []  # over the batch's tokens end to end
+        per_document = np.zeros(len(documents), np.int32)
+        sentence = offset = 0
+        for i, key in enumerate(documents):
+            document_lengths = lengths[sentence : sentence + len(sentence_lists[i])]
+            sentence += len(document_lengths)
             if not skips[i]:
-                instances = document_instances(
-                    ids,
+                found = document_spans(
+                    document_lengths,
                     max_seq_length=self.max_seq_length,
                     short_seq_prob=self.short_seq_prob,
                     rng=random.Random(document_seed(self.seed, key)),
                 )
-                if not instances:
+                if not found:
                     skips[i] = "too short for a sentence pair"
-            per_document.append(instances)
-        # Nested lists go to Arrow through flat numpy buffers: much faster than pa.array on lists.
-        instances = [x for doc in per_document for x in doc]
-        tokens = np.fromiter((t for x in instances for t in x[0]), dtype=np.int32)
-        input_ids = _list_array(per_document, _list_array([x[0] for x in instances], pa.array(tokens)))
-        a_len = _list_array(
-            per_document, pa.array(np.fromiter((x[1] for x in instances), np.int32, len(instances)))
-        )
-        sop = _list_array(
-            per_document, pa.array(np.fromiter((x[2] for x in instances), np.int8, len(instances)))
-        )
+                spans += [
+                    (a0 + offset, a1 + offset, b0 + offset, b1 + offset, sop) for a0, a1, b0, b1, sop in found
+                ]
+                per_document[i] = len(found)
+            offset += sum(document_lengths)
+        input_ids, a_lengths, sop = _gather_instances(tokens, spans)
         validation = [is_validation(h, self.validation_fraction) for h in hashes]
         return pa.Table.from_arrays(
             [
                 batch["document"],
                 pa.array(skips, pa.string()),
                 pa.array(validation, pa.bool_()),
-                input_ids,
-                a_len,
-                sop,
+                _list_array(per_document, input_ids),
+                _list_array(per_document, pa.array(a_lengths)),
+                _list_array(per_document, pa.array(sop)),
                 pc.binary_length(batch["text"].cast(pa.binary())).cast(pa.int64()),
             ],
             schema=ENCODED_SCHEMA,
         )
+
+
+def _gather_instances(
+    tokens: np.ndarray, spans: list[tuple[int, int, int, int, int]]
+) -> tuple[pa.Array, np.ndarray, np.ndarray]:
+    """``[CLS] A [SEP] B [SEP]`` for every span over ``tokens``, in one gather: (input_ids as a list
+    array, A lengths, sop labels)."""
+    table = np.concatenate([tokens, np.array([CLS_ID, SEP_ID], np.int32)])
+    cls, sep = len(table) - 2, len(table) - 1
+    s = np.array(spans, dtype=np.int64).reshape(-1, 5)
+    a_len, b_len = s[:, 1] - s[:, 0], s[:, 3] - s[:, 2]
+    ones = np.ones(len(s), np.int64)
+    # Five pieces per instance: [CLS], A, [SEP], B, [SEP] as (first index into the table, length).
+    starts = np.stack([cls * ones, s[:, 0], sep * ones, s[:, 2], sep * ones], axis=1).ravel()
+    sizes = np.stack([ones, a_len, ones, b_len, ones], axis=1).ravel()
+    within = np.arange(sizes.sum()) - np.repeat(np.cumsum(sizes) - sizes, sizes)
+    ids = table[np.repeat(starts, sizes) + within]
+    input_ids = _list_array(a_len + b_len + 3, pa.array(ids))
+    return input_ids, a_len.astype(np.int32), s[:, 4].astype(np.int8)
 
 
 def explode(batch: pa.Table) -> tuple[pa.Table, pa.Table]:

@@ -5,6 +5,7 @@ Pure functions on strings; the pipeline maps them over Arrow batches.
 
 from __future__ import annotations
 
+import functools
 import re
 import unicodedata
 
@@ -13,7 +14,9 @@ _NON_ASCII = re.compile(r"[^\x00-\x7f]+")
 # A sentence ends at . ! ? (optionally followed by closing quotes or brackets) when whitespace and an
 # upper-case letter, a digit or an opening quote follow. Abbreviations such as "Dr." or "U.S." are the
 # usual exceptions: a short list covers the common English ones.
-_SENTENCE_END = re.compile(r"""(?<=[.!?])["')\]’”]*\s+(?=["'(\[‘“]?[A-Z0-9])""")
+# The pattern starts at the punctuation mark itself (not a look-behind), so that the regex engine can
+# scan for it quickly.
+_SENTENCE_END = re.compile(r"""[.!?]["')\]’”]*\s+(?=["'(\[‘“]?[A-Z0-9])""")
 _ABBREVIATIONS = frozenset(
     [
         "mr",
@@ -62,6 +65,9 @@ _ABBREVIATIONS = frozenset(
     ]
 )
 
+_LONGEST_ABBREVIATION = max(map(len, _ABBREVIATIONS))
+_CLOSING = ".!?\"')]’”"  # stripped from a sentence's last word before it is looked up
+
 
 def normalize(text: str, *, lowercase: bool = True) -> str:
     """ALBERT's ``preprocess_text``: collapse whitespace, `` and '' to a double quote, strip accents
@@ -76,16 +82,20 @@ def normalize_many(sentences: list[str], *, lowercase: bool = True) -> list[str]
     text = text.replace("``", '"').replace("''", '"')
     if lowercase:
         if not text.isascii():
-            text = unicodedata.normalize("NFKD", text)
-            # Combining marks are searched only inside runs of non-ASCII characters: ~20x faster than
-            # testing every character.
-            text = _NON_ASCII.sub(_drop_combining, text)
+            # Only runs of non-ASCII characters change (NFKD leaves ASCII as it is, and the combining
+            # marks it makes are dropped, so no character's result depends on its neighbours).
+            text = _NON_ASCII.sub(_strip_accents, text)
         text = text.lower()
     return [" ".join(line.split()) for line in text.split("\n")]
 
 
-def _drop_combining(match: re.Match[str]) -> str:
-    return "".join(ch for ch in match.group() if not unicodedata.combining(ch))
+def _strip_accents(match: re.Match[str]) -> str:
+    return _strip_accents_of(match.group())
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _strip_accents_of(run: str) -> str:
+    return "".join(ch for ch in unicodedata.normalize("NFKD", run) if not unicodedata.combining(ch))
 
 
 def split_sentences(text: str) -> list[str]:
@@ -101,9 +111,11 @@ def split_sentences(text: str) -> list[str]:
             continue
         start = 0
         for match in _SENTENCE_END.finditer(line):
-            candidate = line[start : match.start()].rstrip()
-            last_word = candidate.rsplit(" ", 1)[-1].rstrip(".!?\"')]’”").lower()
-            if last_word in _ABBREVIATIONS or (len(last_word) == 1 and last_word.isalpha()):
+            end = match.start() + 1  # just after the punctuation
+            last_word = line[(line.rfind(" ", start, end) + 1) or start : end].rstrip(_CLOSING)
+            if len(last_word) <= _LONGEST_ABBREVIATION and (
+                last_word.lower() in _ABBREVIATIONS or (len(last_word) == 1 and last_word.isalpha())
+            ):
                 continue  # "Dr. Smith", "J. Doe": not a sentence end
             sentences.append(line[start : match.end()].strip())
             start = match.end()

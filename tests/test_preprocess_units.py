@@ -5,6 +5,10 @@ from __future__ import annotations
 import gzip
 import json
 import random
+import re
+import subprocess
+import sys
+import unicodedata
 from collections import Counter
 from pathlib import Path
 
@@ -17,7 +21,8 @@ from data_pipeline.instances import SHARD_SCHEMA, document_instances, instances_
 from data_pipeline.readers import InputFile, ReadLimits, discover, read_documents
 from data_pipeline.shards import BATCH_ROWS, ShardWriter
 from data_pipeline.stages import DocumentEncoder, explode
-from data_pipeline.text import normalize, split_sentences
+from data_pipeline.text import _ABBREVIATIONS as ABBREVIATIONS
+from data_pipeline.text import normalize, normalize_many, split_sentences
 
 pytestmark = pytest.mark.unit
 
@@ -47,6 +52,62 @@ def test_split_sentences_keeps_abbreviations_and_lines():
         "New line here",
     ]
     assert split_sentences("\n \n") == []
+
+
+def reference_normalize(sentence: str, *, lowercase: bool = True) -> str:
+    """ALBERT's ``preprocess_text``, character by character as its definition reads."""
+    text = sentence.replace("``", '"').replace("''", '"')
+    if lowercase:
+        text = unicodedata.normalize("NFKD", text)
+        text = "".join(ch for ch in text if not unicodedata.combining(ch)).lower()
+    return " ".join(text.split())
+
+
+def test_normalize_many_equals_the_reference_for_every_code_point():
+    chars = [chr(c) for c in range(0x110000) if not 0xD800 <= c < 0xE000]
+    # Each character alone, between ASCII letters, doubled, and after a letter it could combine with.
+    sentences = [" ".join(f"{c}a{c}b{c}{c}e{c}Z".splitlines()) for c in chars]
+    rng = random.Random(0)
+    mixed = chars[:0x3000] + list("aeAE \t\u00a0\u0301\u0327`'")
+    sentences += [" ".join("".join(rng.choices(mixed, k=12)).splitlines()) for _ in range(20000)]
+    for lowercase in (True, False):
+        expected = [reference_normalize(s, lowercase=lowercase) for s in sentences]
+        assert normalize_many(sentences, lowercase=lowercase) == expected
+
+
+def reference_split(text: str) -> list[str]:
+    """``split_sentences`` as first written: a look-behind for the punctuation, and every candidate's
+    last word cut out and looked up."""
+    end = re.compile(r"""(?<=[.!?])["')\]’”]*\s+(?=["'(\[‘“]?[A-Z0-9])""")
+    sentences = []
+    for line in text.splitlines():
+        line = line.strip()
+        start = 0
+        for match in end.finditer(line):
+            word = line[start : match.start()].rstrip().rsplit(" ", 1)[-1].rstrip(".!?\"')]’”").lower()
+            if word in ABBREVIATIONS or (len(word) == 1 and word.isalpha()):
+                continue
+            sentences.append(line[start : match.end()].strip())
+            start = match.end()
+        if line[start:].strip():
+            sentences.append(line[start:].strip())
+    return sentences
+
+
+def test_split_sentences_equals_the_reference_on_random_text():
+    rng = random.Random(0)
+    pieces = ["Dr", "dr", "U.S", "e.g", "J", "x", "Word", "A", "1", "Sept", "etc", " ", "  ", "\t", "\n"]
+    pieces += [".", "!", "?", "...", '"', "'", ")", "]", "’", "”", "(", "“", "‘", "é", "\u00a0"]
+    for _ in range(20000):
+        text = "".join(rng.choices(pieces, k=rng.randint(0, 14)))
+        assert split_sentences(text) == reference_split(text), repr(text)
+
+
+def test_preprocessing_workers_do_not_import_torch():
+    """The encoding actors import data_pipeline.stages; torch would add a second and ~200 MB to each."""
+    code = "import sys, data_pipeline.stages, data_pipeline.readers; print('torch' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"
 
 
 # ------------------------------------------------------------------------------------------ readers
@@ -224,6 +285,55 @@ def test_instances_follow_create_pretraining_data():
     total = labels[0] + labels[1]
     assert abs(labels[1] / total - 0.5) < 0.05
     assert max(lengths) == 128 and min(lengths) < 64  # full-length packing, and short targets
+
+
+def reference_instances(
+    sentences: list[list[int]], *, max_seq_length: int, short_seq_prob: float, rng: random.Random
+) -> list[tuple[list[int], int, int]]:
+    """create_pretraining_data's pairing on token lists, as plainly as it reads: chunks up to a target
+    length, a random A/B split, a swap with p = 0.5, then the longer side trimmed token by token."""
+    max_tokens = max_seq_length - 3
+    target = rng.randint(2, max_tokens) if rng.random() < short_seq_prob else max_tokens
+    instances, chunk, length = [], [], 0
+    for i, sentence in enumerate(sentences):
+        if not sentence:
+            continue
+        chunk.append(sentence)
+        length += len(sentence)
+        if i < len(sentences) - 1 and length < target:
+            continue
+        if len(chunk) >= 2:
+            a_end = rng.randint(1, len(chunk) - 1)
+            a, b = [t for s in chunk[:a_end] for t in s], [t for s in chunk[a_end:] for t in s]
+        elif len(chunk[0]) >= 2:
+            cut = rng.randint(1, len(chunk[0]) - 1)
+            a, b = list(chunk[0][:cut]), list(chunk[0][cut:])
+        else:
+            a, b = [], []
+        if a and b:
+            swapped = rng.random() < 0.5
+            if swapped:
+                a, b = b, a
+            while len(a) + len(b) > max_tokens:
+                longer = a if len(a) > len(b) else b
+                if rng.random() < 0.5:
+                    del longer[0]
+                else:
+                    longer.pop()
+            instances.append(([tok.CLS_ID, *a, tok.SEP_ID, *b, tok.SEP_ID], len(a), int(swapped)))
+        chunk, length = [], 0
+    return instances
+
+
+def test_instances_equal_the_reference_draw_for_draw():
+    rng = random.Random(0)
+    for doc in range(1500):
+        sizes = [rng.choice([0, 1, 2, 3, 5, 20, 40, 200, 600]) for _ in range(rng.randint(1, 30))]
+        document = [[rng.randrange(5, 1000) for _ in range(n)] for n in sizes]
+        for seq in (16, 64, 512):
+            kwargs = {"max_seq_length": seq, "short_seq_prob": 0.1}
+            ours = document_instances(document, rng=random.Random(doc), **kwargs)
+            assert ours == reference_instances(document, rng=random.Random(doc), **kwargs)
 
 
 def test_instances_depend_only_on_the_document_and_its_seed():
