@@ -14,7 +14,9 @@ Corpora: the built-in ``news`` and ``wiki`` corpora (about 15.7 MB of text). Row
 
 Rates are MB of raw text per second, and per core (divided by the encoding actors). Peak RSS is the
 largest sum of resident memory over this process and its children (Ray's workers included), sampled
-every 0.1 s, for the corpus and for a copy ``--scale`` times larger; flat means streaming.
+every 0.1 s, for the corpus and for a copy ``--scale`` times larger; flat means streaming. RSS counts a
+page shared by several processes (libraries, Ray's object store) once in each, so each extra idle Ray
+worker adds ~150 MB; peak PSS (proportional set size) counts every page once.
 Medians of ``--repeats`` runs, alternating ours and the peer.
 """
 
@@ -40,23 +42,37 @@ from data_pipeline.text import normalize
 REPO = Path(__file__).resolve().parent.parent
 
 
+def proportional_set_size(pid: int) -> int:
+    """A process's PSS in bytes: its private pages plus its share of the pages it shares (libraries, Ray's
+    object store), so that the sum over processes counts every page once."""
+    with open(f"/proc/{pid}/smaps_rollup", encoding="ascii") as f:
+        for line in f:
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
 class PeakRss:
-    """Samples the resident memory of this process tree in a background thread."""
+    """Samples the memory of this process tree in a background thread: the largest sum of RSS (pages
+    shared by several processes counted in each) and of PSS (each page counted once)."""
 
     def __init__(self, interval: float = 0.1):
         self.interval = interval
         self.peak = 0
+        self.peak_pss = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         me = psutil.Process()
         while not self._stop.is_set():
-            total = 0
+            total = pss = 0
             for proc in [me, *me.children(recursive=True)]:
-                with contextlib.suppress(psutil.Error):
+                with contextlib.suppress(psutil.Error, OSError):
                     total += proc.memory_info().rss
+                    pss += proportional_set_size(proc.pid)
             self.peak = max(self.peak, total)
+            self.peak_pss = max(self.peak_pss, pss)
             time.sleep(self.interval)
 
     def __enter__(self) -> PeakRss:
@@ -137,6 +153,7 @@ def main() -> int:
 
         results: dict[str, list[float]] = {"spm-encode": [], "ours-1w": [], "ours-2w": []}
         peaks: dict[str, int] = {}
+        peaks_pss: dict[str, int] = {}
         for repeat in range(args.repeats):
             results["spm-encode"].append(run_peer(texts, spiece))
             for workers in (1, 2):
@@ -144,6 +161,7 @@ def main() -> int:
                     seconds = run_ours(files, spiece, workers, tmp / f"ours-{workers}-{repeat}")
                 results[f"ours-{workers}w"].append(seconds)
                 peaks[f"ours-{workers}w"] = max(peaks.get(f"ours-{workers}w", 0), rss.peak)
+                peaks_pss[f"ours-{workers}w"] = max(peaks_pss.get(f"ours-{workers}w", 0), rss.peak_pss)
             print(
                 f"repeat {repeat + 1}: " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in results.items()),
                 flush=True,
@@ -161,6 +179,7 @@ def main() -> int:
             with PeakRss() as rss:
                 big_seconds = run_ours(big_files, spiece, 2, tmp / "ours-big")
             peaks[f"ours-2w-x{args.scale}"] = rss.peak
+            peaks_pss[f"ours-2w-x{args.scale}"] = rss.peak_pss
             # One worker on the same large copy: the scaling once fixed start-up costs are amortized.
             big_one_worker = run_ours(big_files, spiece, 1, tmp / "ours-big-1w")
         ray.shutdown()
@@ -177,6 +196,7 @@ def main() -> int:
         "ratio_2w_vs_1w": rate["ours-2w"] / rate["ours-1w"],
         "tokenizer_training_seconds_incl_pipeline": tokenizer_seconds,
         "peak_rss_bytes": peaks,
+        "peak_pss_bytes": peaks_pss,
     }
     if not args.skip_scale:
         report["scale"] = {
@@ -187,18 +207,20 @@ def main() -> int:
             "ratio_2w_vs_1w": big_one_worker / big_seconds,
         }
         report["ratio_peak_rss_scaled_vs_base"] = peaks[f"ours-2w-x{args.scale}"] / peaks["ours-2w"]
+        report["ratio_peak_pss_scaled_vs_base"] = peaks_pss[f"ours-2w-x{args.scale}"] / peaks_pss["ours-2w"]
 
     print()
-    print(f"{'run':<14}{'seconds':>10}{'MB/s':>10}{'MB/s/core':>12}{'peak RSS':>12}")
+    print(f"{'run':<14}{'seconds':>10}{'MB/s':>10}{'MB/s/core':>12}{'peak RSS':>12}{'peak PSS':>12}")
     for name in median:
-        peak = peaks.get(name)
-        rss = f"{peak / 2**20:.0f} MiB" if peak else "-"
-        print(f"{name:<14}{median[name]:>10.2f}{rate[name]:>10.2f}{per_core[name]:>12.2f}{rss:>12}")
+        memory = [f"{p[name] / 2**20:.0f} MiB" if name in p else "-" for p in (peaks, peaks_pss)]
+        print(
+            f"{name:<14}{median[name]:>10.2f}{rate[name]:>10.2f}{per_core[name]:>12.2f}{memory[0]:>12}{memory[1]:>12}"
+        )
     if not args.skip_scale:
         name = f"ours-2w-x{args.scale}"
         print(
             f"{name:<14}{big_seconds:>10.2f}{report['scale']['mb_per_s']:>10.2f}{report['scale']['mb_per_s'] / 2:>12.2f}"
-            f"{peaks[name] / 2**20:>9.0f} MiB"
+            f"{peaks[name] / 2**20:>9.0f} MiB{peaks_pss[name] / 2**20:>9.0f} MiB"
         )
     print()
     print(
@@ -212,6 +234,7 @@ def main() -> int:
         print(
             f"peak RSS x{args.scale} corpus / x1:         {report['ratio_peak_rss_scaled_vs_base']:.2f} (target: flat, ~1.0)"
         )
+        print(f"peak PSS x{args.scale} corpus / x1:         {report['ratio_peak_pss_scaled_vs_base']:.2f}")
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(report, indent=2) + "\n")
     return 0

@@ -146,7 +146,15 @@ def _start_ray(address: str | None) -> bool:
     return True
 
 
-def _read_dataset(files: list[InputFile], limits: ReadLimits):
+# One read task keeps this many encoding workers busy: parsing is an order of magnitude faster than
+# encoding. Each read task is a process of its own (~250 MB), so more of them than needed would only
+# raise memory with the number of input files.
+ENCODERS_PER_READER = 4
+OBJECT_STORE_BASE = 128 << 20
+OBJECT_STORE_PER_WORKER = 64 << 20
+
+
+def _read_dataset(files: list[InputFile], limits: ReadLimits, *, workers: int):
     import ray
     from ray.data import DataContext
 
@@ -154,6 +162,12 @@ def _read_dataset(files: list[InputFile], limits: ReadLimits):
     context.execution_options.preserve_order = True  # determinism: rows leave in input order
     context.enable_progress_bars = False
     context.target_max_block_size = BLOCK_BYTES
+    # Blocks in flight in the object store: enough for every worker to have several queued, and a bound
+    # that does not grow with the corpus (Ray Data's default is half the object store).
+    limits_now = context.execution_options.resource_limits
+    context.execution_options.resource_limits = limits_now.copy(
+        object_store_memory=OBJECT_STORE_BASE + workers * OBJECT_STORE_PER_WORKER
+    )
     items = [
         {
             "file_index": i,
@@ -167,9 +181,10 @@ def _read_dataset(files: list[InputFile], limits: ReadLimits):
     for item in items:
         item["compression"] = item["compression"] or None
     documents = ray.data.from_items(items, override_num_blocks=len(items))
+    readers = max(1, -(-workers // ENCODERS_PER_READER))
     # Reading is I/O and light; it needs no CPU of its own, so the encoders can hold every CPU.
     documents = documents.flat_map(
-        read_rows, fn_kwargs={"limits": limits}, num_cpus=0, compute=ray.data.TaskPoolStrategy(size=4)
+        read_rows, fn_kwargs={"limits": limits}, num_cpus=0, compute=ray.data.TaskPoolStrategy(size=readers)
     )
     return documents
 
@@ -178,11 +193,13 @@ def train_tokenizer(
     files: list[InputFile], config: Config, output: Path, limits: ReadLimits, *, quiet: bool
 ) -> Path:
     """Trains SentencePiece on a hash-sampled set of documents of at most ``tokenizer_sample_bytes``."""
+    import ray
+
     pre = config.preprocess
     total = sum(f.size for f in files) or 1
     fraction = min(1.0, pre.tokenizer_sample_bytes / total)
     sentences = (
-        _read_dataset(files, limits)
+        _read_dataset(files, limits, workers=int(ray.cluster_resources().get("CPU", 1)))
         .map_batches(prepare_documents, fn_kwargs={"lowercase": pre.lowercase}, batch_format="pyarrow")
         .map_batches(
             sample_sentences, fn_kwargs={"fraction": fraction, "seed": pre.seed}, batch_format="pyarrow"
@@ -232,7 +249,7 @@ def write_shards(
     import ray
 
     pre, data = config.preprocess, config.data
-    encoded = _read_dataset(files, limits).map_batches(
+    encoded = _read_dataset(files, limits, workers=num_workers).map_batches(
         DocumentEncoder,
         fn_constructor_kwargs={
             "model_proto": (output / tok.MODEL_FILENAME).read_bytes(),
@@ -264,7 +281,7 @@ def write_shards(
         bar.update(added)
         bar.set_postfix(
             docs=documents,
-            instances=sum(w.pending_rows + sum(s["rows"] for s in w.shards) for w in writers.values()),
+            instances=sum(w.rows for w in writers.values()),
         )
     bar.close()
     splits = {}

@@ -28,45 +28,92 @@ MANIFEST_KEYS = ("tokenizer", "config", "splits")
 
 class ShardWriter:
     """Cuts a stream of instance tables into shards of exactly ``shard_rows`` rows (the last holds the
-    rest), each written atomically with fixed record-batch boundaries, so the bytes are deterministic."""
+    rest), with record batches of ``BATCH_ROWS`` rows counted from each shard's start, so the bytes do not
+    depend on how the stream was cut. Each batch is written as soon as its rows are in, so memory holds
+    at most one batch and the incoming table, whatever the shard size; a shard is written under a
+    temporary name and renamed when complete."""
 
     def __init__(self, directory: Path, split: str, shard_rows: int):
         self.directory = directory
         self.split = split
         self.shard_rows = shard_rows
-        self.pending: list[pa.Table] = []
+        self.pending: list[pa.Table] = []  # fewer rows than the next batch needs
         self.pending_rows = 0
         self.shards: list[dict[str, Any]] = []
+        self._sink: pa.NativeFile | None = None
+        self._writer: pa.ipc.RecordBatchFileWriter | None = None
+        self._shard_rows_written = 0
+        self._shard_tokens = 0
+
+    @property
+    def rows(self) -> int:
+        """Rows taken so far, written or not."""
+        return sum(shard["rows"] for shard in self.shards) + self._shard_rows_written + self.pending_rows
 
     def add(self, table: pa.Table) -> None:
         if table.num_rows == 0:
             return
         self.pending.append(table)
         self.pending_rows += table.num_rows
-        while self.pending_rows >= self.shard_rows:
+        while self.pending_rows >= (wanted := min(BATCH_ROWS, self.shard_rows - self._shard_rows_written)):
             merged = pa.concat_tables(self.pending)
-            self._write(merged.slice(0, self.shard_rows))
-            rest = merged.slice(self.shard_rows)
+            self._write_batch(merged.slice(0, wanted))
+            rest = merged.slice(wanted)
             self.pending, self.pending_rows = ([rest] if rest.num_rows else []), rest.num_rows
 
     def close(self) -> list[dict[str, Any]]:
         if self.pending_rows:
-            self._write(pa.concat_tables(self.pending))
+            self._write_batch(pa.concat_tables(self.pending))
             self.pending, self.pending_rows = [], 0
+        if self._writer is not None:
+            self._finish_shard()
         return self.shards
 
-    def _write(self, table: pa.Table) -> None:
-        name = f"{self.split}-{len(self.shards):05d}.arrow"
-        path = self.directory / name
-        tmp = path.with_name(name + TMP_SUFFIX)
-        table = table.combine_chunks()
-        with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, SHARD_SCHEMA) as writer:
-            for batch in table.to_batches(max_chunksize=BATCH_ROWS):
-                writer.write_batch(batch)
-        os.replace(tmp, path)
+    def _path(self) -> Path:
+        return self.directory / f"{self.split}-{len(self.shards):05d}.arrow"
+
+    def _write_batch(self, table: pa.Table) -> None:
+        if self._writer is None:
+            self._sink = pa.OSFile(str(self._path()) + TMP_SUFFIX, "wb")
+            self._writer = pa.ipc.new_file(self._sink, SHARD_SCHEMA)
+        self._writer.write_batch(_canonical_batch(table))
+        self._shard_rows_written += table.num_rows
+        self._shard_tokens += count_tokens(table)
+        if self._shard_rows_written == self.shard_rows:
+            self._finish_shard()
+
+    def _finish_shard(self) -> None:
+        assert self._writer is not None and self._sink is not None
+        self._writer.close()
+        self._sink.close()
+        path = self._path()
+        os.replace(str(path) + TMP_SUFFIX, path)
         self.shards.append(
-            {"file": name, "rows": table.num_rows, "tokens": count_tokens(table), "sha256": sha256_file(path)}
+            {
+                "file": path.name,
+                "rows": self._shard_rows_written,
+                "tokens": self._shard_tokens,
+                "sha256": sha256_file(path),
+            }
         )
+        self._writer = self._sink = None
+        self._shard_rows_written = self._shard_tokens = 0
+
+
+def _canonical_batch(table: pa.Table) -> pa.RecordBatch:
+    """The rows of ``table`` in buffers of their own, starting at offset 0. Arrow's IPC writer records a
+    sliced array's buffers slightly differently from a fresh one's (the same values), so without this a
+    shard's bytes would depend on where the incoming tables were cut."""
+    ids = table["input_ids"].combine_chunks()
+    offsets = ids.offsets.to_numpy()
+    values = ids.values.to_numpy()[offsets[0] : offsets[-1]].copy()
+    return pa.RecordBatch.from_arrays(
+        [
+            pa.ListArray.from_arrays(pa.array(offsets - offsets[0]), pa.array(values)),
+            *(pa.array(table[name].to_numpy().copy()) for name in SHARD_SCHEMA.names[1:]),
+        ],
+        schema=SHARD_SCHEMA,
+    )
 
 
 def read_manifest(directory: Path) -> dict[str, Any]:

@@ -110,20 +110,21 @@ def test_interrupted_run_leaves_no_manifest_and_a_rerun_finishes_it(
     ray_local, corpus, dataset, tmp_path, monkeypatch
 ):
     output = tmp_path / "interrupted"
-    real_write = shards.ShardWriter._write
+    real_finish = shards.ShardWriter._finish_shard
     calls = {"n": 0}
 
-    def write_then_die(self, table):
+    def finish_then_die(self):
         calls["n"] += 1
-        if calls["n"] == 2:
+        if calls["n"] == 2:  # the second shard is written in full, but not yet renamed
             raise KeyboardInterrupt
-        real_write(self, table)
+        real_finish(self)
 
-    monkeypatch.setattr(shards.ShardWriter, "_write", write_then_die)
+    monkeypatch.setattr(shards.ShardWriter, "_finish_shard", finish_then_die)
     assert preprocess.main(["--input", str(corpus), "--output", str(output), *ARGS]) == 130
     assert not (output / shards.MANIFEST).exists()
-    assert (output / "train-00000.arrow").exists()
-    monkeypatch.setattr(shards.ShardWriter, "_write", real_write)
+    assert (output / "train-00000.arrow").exists() and not (output / "train-00001.arrow").exists()
+    assert (output / ("train-00001.arrow" + shards.TMP_SUFFIX)).exists()
+    monkeypatch.setattr(shards.ShardWriter, "_finish_shard", real_finish)
     assert preprocess.main(["--input", str(corpus), "--output", str(output), *ARGS]) == 0
     assert files_of(output) == files_of(dataset)
 

@@ -359,3 +359,34 @@ def test_shard_writer_cuts_fixed_row_counts(tmp_path):
     ]
     assert reader.read_all()["document"][0].as_py() == 1100
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_shard_bytes_do_not_depend_on_how_the_stream_was_cut(tmp_path):
+    rng = random.Random(0)
+    rows = [([2, *range(rng.randint(1, 30)), 3, i, 3], 1, i % 2, i) for i in range(5000)]
+    whole = instances_table(rows)
+    cuts = {
+        "one table": [whole],
+        "single rows": [whole.slice(i, 1) for i in range(whole.num_rows)],
+        "random slices of one table": [],
+        "tables of their own, chunked": [],
+    }
+    start = 0
+    while start < len(rows):
+        n = rng.randint(1, 1500)
+        cuts["random slices of one table"].append(whole.slice(start, n))
+        own = instances_table(rows[start : start + n])
+        cuts["tables of their own, chunked"].append(
+            pa.concat_tables([own.slice(0, n // 2), own.slice(n // 2)])
+        )
+        start += n
+    digests = {}
+    for name, tables in cuts.items():
+        directory = tmp_path / name.replace(" ", "-")
+        directory.mkdir()
+        writer = ShardWriter(directory, "train", shard_rows=1900)
+        for table in tables:
+            writer.add(table)
+        digests[name] = [(shard["rows"], shard["sha256"]) for shard in writer.close()]
+    assert len(set(map(tuple, digests.values()))) == 1, digests
+    assert [rows for rows, _ in digests["one table"]] == [1900, 1900, 1200]
