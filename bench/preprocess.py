@@ -14,9 +14,10 @@ Corpora: the built-in ``news`` and ``wiki`` corpora (about 15.7 MB of text). Row
 
 Rates are MB of raw text per second, and per core (divided by the encoding actors). Peak RSS is the
 largest sum of resident memory over this process and its children (Ray's workers included), sampled
-every 0.1 s, for the corpus and for a copy ``--scale`` times larger; flat means streaming. RSS counts a
-page shared by several processes (libraries, Ray's object store) once in each, so each extra idle Ray
-worker adds ~150 MB; peak PSS (proportional set size) counts every page once.
+every 0.1 s in a run of its own (not a timed one), for the corpus and for a copy ``--scale`` times
+larger; flat means streaming. RSS counts a page shared by several processes (libraries, Ray's object
+store) once in each, so each extra idle Ray worker adds ~150 MB; peak PSS (proportional set size)
+counts every page once.
 Medians of ``--repeats`` runs, alternating ours and the peer.
 """
 
@@ -157,11 +158,8 @@ def main() -> int:
         for repeat in range(args.repeats):
             results["spm-encode"].append(run_peer(texts, spiece))
             for workers in (1, 2):
-                with PeakRss() as rss:
-                    seconds = run_ours(files, spiece, workers, tmp / f"ours-{workers}-{repeat}")
+                seconds = run_ours(files, spiece, workers, tmp / f"ours-{workers}-{repeat}")
                 results[f"ours-{workers}w"].append(seconds)
-                peaks[f"ours-{workers}w"] = max(peaks.get(f"ours-{workers}w", 0), rss.peak)
-                peaks_pss[f"ours-{workers}w"] = max(peaks_pss.get(f"ours-{workers}w", 0), rss.peak_pss)
             print(
                 f"repeat {repeat + 1}: " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in results.items()),
                 flush=True,
@@ -176,12 +174,18 @@ def main() -> int:
                     target = big / f"{f.stem}-{i:02d}.jsonl"
                     target.write_bytes(f.read_bytes())
                     big_files.append(target)
-            with PeakRss() as rss:
-                big_seconds = run_ours(big_files, spiece, 2, tmp / "ours-big")
-            peaks[f"ours-2w-x{args.scale}"] = rss.peak
-            peaks_pss[f"ours-2w-x{args.scale}"] = rss.peak_pss
+            big_seconds = run_ours(big_files, spiece, 2, tmp / "ours-big")
             # One worker on the same large copy: the scaling once fixed start-up costs are amortized.
             big_one_worker = run_ours(big_files, spiece, 1, tmp / "ours-big-1w")
+
+        # Memory in runs of their own: sampling it (PSS above all) takes CPU from the timed runs.
+        runs = [(f"ours-{w}w", files, w) for w in (1, 2)]
+        if not args.skip_scale:
+            runs.append((f"ours-2w-x{args.scale}", big_files, 2))
+        for name, inputs, workers in runs:
+            with PeakRss() as rss:
+                run_ours(inputs, spiece, workers, tmp / f"memory-{name}")
+            peaks[name], peaks_pss[name] = rss.peak, rss.peak_pss
         ray.shutdown()
 
     median = {k: statistics.median(v) for k, v in results.items()}
