@@ -143,18 +143,23 @@ def document_instances(
     ]
 
 
+def list_array(lengths: np.ndarray, child: pa.Array) -> pa.Array:
+    """A list array whose consecutive lists hold ``lengths`` of ``child``'s values."""
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    return pa.ListArray.from_arrays(pa.array(offsets), child)
+
+
 def instances_table(rows: list[tuple[list[int], int, int, int]]) -> pa.Table:
     """(input_ids, segment A length, sop label, document key) rows as a table of ``SHARD_SCHEMA``."""
     if not rows:
         return SHARD_SCHEMA.empty_table()
     ids, a_len, sop, doc = zip(*rows, strict=True)
     lengths = np.fromiter((len(x) for x in ids), dtype=np.int32, count=len(ids))
-    offsets = np.zeros(len(ids) + 1, dtype=np.int32)
-    np.cumsum(lengths, out=offsets[1:])
-    flat = np.fromiter((t for x in ids for t in x), dtype=np.int32, count=int(offsets[-1]))
+    flat = np.fromiter((t for x in ids for t in x), dtype=np.int32, count=int(lengths.sum()))
     return pa.Table.from_arrays(
         [
-            pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat)),
+            list_array(lengths, pa.array(flat)),
             pa.array(a_len, pa.int32()),
             pa.array(sop, pa.int8()),
             pa.array(doc, pa.int64()),

@@ -20,10 +20,12 @@ import pyarrow.compute as pc
 from data_pipeline import tokenizer as tok
 from data_pipeline.instances import (
     SHARD_SCHEMA,
+    Span,
     document_key,
     document_seed,
     document_spans,
     is_validation,
+    list_array,
     text_hash,
 )
 from data_pipeline.readers import InputFile, ReadLimits, read_documents
@@ -85,12 +87,6 @@ def prepare_documents(batch: pa.Table, *, lowercase: bool) -> pa.Table:
     )
 
 
-def _list_array(lengths: np.ndarray, child: pa.Array) -> pa.Array:
-    offsets = np.zeros(len(lengths) + 1, dtype=np.int32)
-    np.cumsum(lengths, out=offsets[1:])
-    return pa.ListArray.from_arrays(pa.array(offsets), child)
-
-
 class DocumentEncoder:
     """Encodes sentences with SentencePiece and builds each document's SOP instances."""
 
@@ -122,7 +118,7 @@ class DocumentEncoder:
         encoded = self.processor.encode(flat, num_threads=1) if flat else []  # one core per actor
         lengths = [len(ids) for ids in encoded]
         tokens = np.fromiter(itertools.chain.from_iterable(encoded), np.int32, count=sum(lengths))
-        spans: list[tuple[int, int, int, int, int]] = []  # over the batch's tokens end to end
+        spans: list[Span] = []  # over the batch's tokens end to end
         per_document = np.zeros(len(documents), np.int32)
         sentence = offset = 0
         for i, key in enumerate(documents):
@@ -149,18 +145,16 @@ class DocumentEncoder:
                 batch["document"],
                 pa.array(skips, pa.string()),
                 pa.array(validation, pa.bool_()),
-                _list_array(per_document, input_ids),
-                _list_array(per_document, pa.array(a_lengths)),
-                _list_array(per_document, pa.array(sop)),
+                list_array(per_document, input_ids),
+                list_array(per_document, pa.array(a_lengths)),
+                list_array(per_document, pa.array(sop)),
                 pc.binary_length(batch["text"].cast(pa.binary())).cast(pa.int64()),
             ],
             schema=ENCODED_SCHEMA,
         )
 
 
-def _gather_instances(
-    tokens: np.ndarray, spans: list[tuple[int, int, int, int, int]]
-) -> tuple[pa.Array, np.ndarray, np.ndarray]:
+def _gather_instances(tokens: np.ndarray, spans: list[Span]) -> tuple[pa.Array, np.ndarray, np.ndarray]:
     """``[CLS] A [SEP] B [SEP]`` for every span over ``tokens``, in one gather: (input_ids as a list
     array, A lengths, sop labels)."""
     table = np.concatenate([tokens, np.array([CLS_ID, SEP_ID], np.int32)])
@@ -173,7 +167,7 @@ def _gather_instances(
     sizes = np.stack([ones, a_len, ones, b_len, ones], axis=1).ravel()
     within = np.arange(sizes.sum()) - np.repeat(np.cumsum(sizes) - sizes, sizes)
     ids = table[np.repeat(starts, sizes) + within]
-    input_ids = _list_array(a_len + b_len + 3, pa.array(ids))
+    input_ids = list_array(a_len + b_len + 3, pa.array(ids))
     return input_ids, a_len.astype(np.int32), s[:, 4].astype(np.int8)
 
 

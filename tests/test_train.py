@@ -55,12 +55,7 @@ def train(
     elif ranks > 1:
         script, rest = (entry[1], entry[2:]) if worker is not None else (entry[0], entry[1:])
         entry = deepspeed_command(ranks, script, *rest)
-    if "--master_port" in entry:  # the deepspeed launcher
-        proc = run_ranks([*entry, *args], env=subprocess_env(), timeout=280)
-    else:
-        proc = subprocess.run(
-            [*entry, *args], env=subprocess_env(), capture_output=True, text=True, timeout=280
-        )
+    proc = run_ranks([*entry, *args], env=subprocess_env(), timeout=280)
     if check and proc.returncode != 0:
         pytest.fail(f"train failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
     return proc
