@@ -317,21 +317,8 @@ def _train_and_test(
     import torch
 
     generator = torch.Generator().manual_seed(config.seed)
-    decay = [
-        p for n, p in net.named_parameters() if not any(k in n for k in ("LayerNorm", "layer_norm", "bias"))
-    ]
-    rest = [p for n, p in net.named_parameters() if any(k in n for k in ("LayerNorm", "layer_norm", "bias"))]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": config.weight_decay}, {"params": rest, "weight_decay": 0.0}],
-        lr=config.lr,
-    )
-    steps_per_epoch = math.ceil(len(train_idx) / config.batch_size)
-    total = steps_per_epoch * config.epochs
-    warmup = int(total * config.warmup_fraction)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda s: (s + 1) / warmup if s < warmup else max(0.0, (total - s) / max(1, total - warmup)),
-    )
+    total = math.ceil(len(train_idx) / config.batch_size) * config.epochs
+    optimizer, schedule = _optimizer(net, config, total)
     step, started = 0, time.perf_counter()
     bar = tqdm(total=total, desc=f"fine-tuning ({label})", unit="batch", file=sys.stderr, disable=None)
     for epoch in range(config.epochs):
@@ -340,14 +327,7 @@ def _train_and_test(
         losses = []
         for start in range(0, len(order), config.batch_size):
             batch = [train_idx[i] for i in order[start : start + config.batch_size]]
-            inputs = _collate(encoded, batch)
-            out = net(**inputs, labels=torch.tensor([label_ids[i] for i in batch]))
-            out.loss.backward()
-            torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
-            optimizer.step()
-            schedule.step()
-            optimizer.zero_grad(set_to_none=True)
-            losses.append(out.loss.item())
+            losses.append(_train_batch(net, optimizer, schedule, encoded, label_ids, batch))
             step += 1
             bar.update()
         accuracy = _accuracy(net, encoded, label_ids, test_idx, config.batch_size)
@@ -359,6 +339,103 @@ def _train_and_test(
         )
     bar.close()
     return {"test_accuracy": accuracy, "train_loss": mean_loss, "seconds": time.perf_counter() - started}
+
+
+def _optimizer(net, config: FinetuneConfig, total: int):
+    """AdamW (no decay for norms and biases) and a linear warm-up then decay over ``total`` steps."""
+    import torch
+
+    decay = [
+        p for n, p in net.named_parameters() if not any(k in n for k in ("LayerNorm", "layer_norm", "bias"))
+    ]
+    rest = [p for n, p in net.named_parameters() if any(k in n for k in ("LayerNorm", "layer_norm", "bias"))]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": config.weight_decay}, {"params": rest, "weight_decay": 0.0}],
+        lr=config.lr,
+    )
+    warmup = int(total * config.warmup_fraction)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda s: (s + 1) / warmup if s < warmup else max(0.0, (total - s) / max(1, total - warmup)),
+    )
+    return optimizer, schedule
+
+
+def _train_batch(net, optimizer, schedule, encoded, label_ids, batch: list[int]) -> float:
+    """One optimizer step on the examples ``batch``; returns the loss."""
+    import torch
+
+    out = net(**_collate(encoded, batch), labels=torch.tensor([label_ids[i] for i in batch]))
+    out.loss.backward()
+    torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+    optimizer.step()
+    schedule.step()
+    optimizer.zero_grad(set_to_none=True)
+    return out.loss.item()
+
+
+# A test batch (forward only) costs about this fraction of a training batch.
+EVAL_COST = 1 / 3
+
+
+def estimate_seconds(
+    hf_config: dict[str, Any],
+    spiece: Path,
+    *,
+    task: str | None,
+    data: str | None,
+    config: FinetuneConfig,
+    batches: int = 6,
+    lowercase: bool = True,
+) -> float:
+    """Seconds :func:`finetune` should take here for a model of ``hf_config`` (config.json contents)
+    tokenized by ``spiece``: a few training batches of the real recipe on the task's own examples, timed,
+    scaled to its epochs, test passes and models (the baseline too). Downloads and loading are not
+    counted."""
+    import sentencepiece as spm
+    import torch
+    import transformers
+
+    from data_pipeline.text import normalize
+
+    texts, labels = load_examples(task, data)
+    train_idx, test_idx = split(texts, labels, config.test_fraction, config.seed)
+    if config.max_train_examples:
+        train_idx = train_idx[: config.max_train_examples]
+    if not train_idx or not test_idx:
+        raise ValueError(f"test_fraction={config.test_fraction}: leaves an empty train or test split")
+    generator = torch.Generator().manual_seed(config.seed)
+    sample = [
+        train_idx[i]
+        for i in torch.randint(len(train_idx), (batches * config.batch_size,), generator=generator)
+    ]
+    sp = spm.SentencePieceProcessor(model_file=str(spiece))
+    length = min(config.max_seq_length, hf_config["max_position_embeddings"])
+    ids = {i: [2, *sp.encode(normalize(texts[i], lowercase=lowercase))[: length - 2], 3] for i in sample}
+    encoded = {
+        "input_ids": ids,
+        "token_type_ids": {i: [0] * len(v) for i, v in ids.items()},
+        "attention_mask": {i: [1] * len(v) for i, v in ids.items()},
+    }
+    names = sorted(set(labels))
+    label_ids = {i: names.index(labels[i]) for i in sample}
+    torch.manual_seed(config.seed)
+    net = transformers.AlbertForSequenceClassification(
+        transformers.AlbertConfig(**{**hf_config, "num_labels": len(names)})
+    )
+    net.train()
+    optimizer, schedule = _optimizer(net, config, batches)
+    times = []
+    for b in range(batches):
+        batch = sample[b * config.batch_size : (b + 1) * config.batch_size]
+        started = time.perf_counter()
+        _train_batch(net, optimizer, schedule, encoded, label_ids, batch)
+        times.append(time.perf_counter() - started)
+    per_batch = sorted(times[1:])[len(times[1:]) // 2]  # the median after a warm-up batch
+    train_batches = math.ceil(len(train_idx) / config.batch_size)
+    test_batches = math.ceil(len(test_idx) / config.batch_size)
+    models = 2 if config.baseline else 1
+    return models * config.epochs * (train_batches + EVAL_COST * test_batches) * per_batch
 
 
 def _collate(encoded, batch: list[int]):

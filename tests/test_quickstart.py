@@ -46,6 +46,7 @@ def test_quickstart_runs_every_stage_and_continues_after_an_interruption(tmp_pat
     state = json.loads((root / "quickstart.json").read_text())
     steps = state["total_steps"]
     assert steps >= 50 and not (root / "export").exists()
+    assert state["seconds_per_step"] > 0 and state["finetune_seconds"] > 0  # both stages were timed
 
     second = cli(*ARGS, "--output", str(root), timeout=280)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
