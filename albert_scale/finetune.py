@@ -238,6 +238,19 @@ def split(texts: list[str], labels: list[str], fraction: float, seed: int) -> tu
     return [i for i in range(len(texts)) if i not in chosen], test
 
 
+def split_examples(
+    task: str | None, data: str | None, config: FinetuneConfig
+) -> tuple[list[str], list[str], list[int], list[int]]:
+    """(texts, labels, train indices, test indices) of the labelled data, as the recipe splits and caps it."""
+    texts, labels = load_examples(task, data)
+    train_idx, test_idx = split(texts, labels, config.test_fraction, config.seed)
+    if config.max_train_examples:
+        train_idx = train_idx[: config.max_train_examples]
+    if not train_idx or not test_idx:
+        raise ValueError(f"test_fraction={config.test_fraction}: leaves an empty train or test split")
+    return texts, labels, train_idx, test_idx
+
+
 def finetune(
     model: str,
     *,
@@ -253,14 +266,9 @@ def finetune(
 
     transformers.logging.set_verbosity_error()  # no report of the new classifier head's weights
     check_model_uri(model)
-    texts, labels = load_examples(task, data)
+    texts, labels, train_idx, test_idx = split_examples(task, data, config)
     names = sorted(set(labels))
     label_ids = [names.index(label) for label in labels]
-    train_idx, test_idx = split(texts, labels, config.test_fraction, config.seed)
-    if config.max_train_examples:
-        train_idx = train_idx[: config.max_train_examples]
-    if not train_idx or not test_idx:
-        raise ValueError(f"test_fraction={config.test_fraction}: leaves an empty train or test split")
     majority = Counter(label_ids[i] for i in train_idx).most_common(1)[0][0]
     majority_accuracy = sum(label_ids[i] == majority for i in test_idx) / len(test_idx)
 
@@ -398,12 +406,7 @@ def estimate_seconds(
 
     from data_pipeline.text import normalize
 
-    texts, labels = load_examples(task, data)
-    train_idx, test_idx = split(texts, labels, config.test_fraction, config.seed)
-    if config.max_train_examples:
-        train_idx = train_idx[: config.max_train_examples]
-    if not train_idx or not test_idx:
-        raise ValueError(f"test_fraction={config.test_fraction}: leaves an empty train or test split")
+    texts, labels, train_idx, test_idx = split_examples(task, data, config)
     generator = torch.Generator().manual_seed(config.seed)
     sample = [
         train_idx[i]
