@@ -25,6 +25,7 @@ import json
 import logging
 import math
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -405,6 +406,7 @@ def estimate_seconds(
     import transformers
 
     from data_pipeline.text import normalize
+    from data_pipeline.tokenizer import CLS_ID, SEP_ID
 
     texts, labels, train_idx, test_idx = split_examples(task, data, config)
     generator = torch.Generator().manual_seed(config.seed)
@@ -414,7 +416,10 @@ def estimate_seconds(
     ]
     sp = spm.SentencePieceProcessor(model_file=str(spiece))
     length = min(config.max_seq_length, hf_config["max_position_embeddings"])
-    ids = {i: [2, *sp.encode(normalize(texts[i], lowercase=lowercase))[: length - 2], 3] for i in sample}
+    ids = {
+        i: [CLS_ID, *sp.encode(normalize(texts[i], lowercase=lowercase))[: length - 2], SEP_ID]
+        for i in sample
+    }
     encoded = {
         "input_ids": ids,
         "token_type_ids": {i: [0] * len(v) for i, v in ids.items()},
@@ -434,7 +439,7 @@ def estimate_seconds(
         started = time.perf_counter()
         _train_batch(net, optimizer, schedule, encoded, label_ids, batch)
         times.append(time.perf_counter() - started)
-    per_batch = sorted(times[1:])[len(times[1:]) // 2]  # the median after a warm-up batch
+    per_batch = statistics.median(times[1:])  # after a warm-up batch
     train_batches = math.ceil(len(train_idx) / config.batch_size)
     test_batches = math.ceil(len(test_idx) / config.batch_size)
     models = 2 if config.baseline else 1
