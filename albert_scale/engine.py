@@ -232,7 +232,7 @@ def build_optimizer(model: nn.Module, *, optim: OptimConfig) -> torch.optim.Opti
     groups = param_groups(model, optim.weight_decay)
     betas = (optim.beta1, optim.beta2)
     if optim.name == "lamb":
-        return Lamb(groups, lr=optim.lr, betas=betas, eps=optim.eps)
+        return Lamb(groups, lr=optim.lr, betas=betas, eps=optim.eps, compile_cpu=optim.compile_cpu)
     return AdamW(groups, lr=optim.lr, betas=betas, eps=optim.eps)
 
 

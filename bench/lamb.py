@@ -13,7 +13,10 @@ N(0, 1) gradients and the preset's optimizer settings (lr, betas, eps, weight de
 
 Variants, each with its own copy of the weights and state (the gradients are shared):
 
-- ``ours``: ``albert_scale.optim.Lamb.step()`` (``torch._foreach_*`` multi-tensor arithmetic).
+- ``ours``: ``albert_scale.optim.Lamb.step()`` as training runs it on CPU: the compiled loops
+  (``torch.compile``, compiled before timing) when the machine has a C++ compiler, the eager chunks
+  otherwise (the header line says which).
+- ``ours-eager``: the same with ``compile_cpu=False``: torch's eager kernels, chunk by chunk.
 - ``python-loop``: ``loop_lamb_step`` below, a plain ``for p in params:`` loop with per-tensor torch ops
   and the same math, op for op (m = b1 m + (1 - b1) g; v = b2 v + (1 - b2) g^2; u = m / (sqrt(v) + eps)
   + wd w; r = ||w|| / ||u|| when both are > 0, else 1; w -= lr r u). Before timing, one step of each
@@ -62,14 +65,14 @@ from torch.profiler import ProfilerActivity, profile
 
 from albert_scale.config import load_config
 from albert_scale.model import AlbertForPreTraining
-from albert_scale.optim import Lamb, param_groups
+from albert_scale.optim import Lamb, cpu_step_compiles, param_groups
 
 RESULTS = Path(__file__).resolve().parent / "results" / "lamb.json"
 SIZES = ("base", "large", "xlarge", "xxlarge")
 BYTES_PER_ELEMENT = 7 * 4  # fp32 reads of w, g, m, v and writes of w, m, v
 TARGET_RATIO = 3.0
 TARGET_COPY_FRACTION = 0.5
-OURS, LOOP, COPY = "ours", "python-loop", "memcpy"
+OURS, EAGER, LOOP, COPY = "ours", "ours-eager", "python-loop", "memcpy"
 
 
 @dataclass
@@ -118,7 +121,7 @@ class Setup:
     hyper: Hyper
     groups: dict[str, list[dict[str, Any]]]
     steps: dict[str, Callable[[], None]] = field(default_factory=dict)
-    lamb: Lamb | None = None
+    lambs: dict[str, Lamb] = field(default_factory=dict)
     loop_state: dict[Tensor, dict[str, Tensor]] = field(default_factory=dict)
 
 
@@ -134,7 +137,7 @@ def build(size: str, seed: int) -> Setup:
     generator = torch.Generator().manual_seed(seed + 1)
     grads = [torch.randn(p.shape, generator=generator) for group in template for p in group["params"]]
     groups: dict[str, list[dict[str, Any]]] = {}
-    for variant in (OURS, LOOP):
+    for variant in (OURS, EAGER, LOOP):
         flat = iter(grads)
         groups[variant] = []
         for group in template:
@@ -147,25 +150,30 @@ def build(size: str, seed: int) -> Setup:
     elements = sum(g.numel() for g in grads)
     del model, template
     setup = Setup(size, elements, len(grads), hyper, groups)
-    setup.lamb = Lamb(groups[OURS], lr=hyper.lr, betas=hyper.betas, eps=hyper.eps)
-    setup.steps[OURS] = setup.lamb.step
+    for variant in (OURS, EAGER):
+        lamb = Lamb(
+            groups[variant], lr=hyper.lr, betas=hyper.betas, eps=hyper.eps, compile_cpu=variant == OURS
+        )
+        setup.lambs[variant] = lamb
+        setup.steps[variant] = lamb.step
     setup.steps[LOOP] = lambda: loop_lamb_step(setup.groups[LOOP], setup.loop_state, hyper)
     return setup
 
 
 def check_same_step(setup: Setup) -> None:
-    """After one step from the same weights and zero state, both variants hold the same weights and
+    """After one step from the same weights and zero state, every variant holds the loop's weights and
     moments (so the timed comparison is of equal work), and the step changed the weights."""
-    ours = [p for group in setup.groups[OURS] for p in group["params"]]
     loop = [p for group in setup.groups[LOOP] for p in group["params"]]
-    before = [p.detach().clone() for p in ours]
-    setup.steps[OURS]()
-    setup.steps[LOOP]()
-    for a, b in zip(ours, loop, strict=True):
-        torch.testing.assert_close(a.detach(), b.detach())
-        for key in ("exp_avg", "exp_avg_sq"):
-            torch.testing.assert_close(setup.lamb.state[a][key], setup.loop_state[b][key])
-    if all(torch.equal(a.detach(), w) for a, w in zip(ours, before, strict=True)):
+    before = [p.detach().clone() for p in loop]
+    for variant in (OURS, EAGER, LOOP):
+        setup.steps[variant]()
+    for variant in (OURS, EAGER):
+        ours = [p for group in setup.groups[variant] for p in group["params"]]
+        for a, b in zip(ours, loop, strict=True):
+            torch.testing.assert_close(a.detach(), b.detach())
+            for key in ("exp_avg", "exp_avg_sq"):
+                torch.testing.assert_close(setup.lambs[variant].state[a][key], setup.loop_state[b][key])
+    if all(torch.equal(a.detach(), w) for a, w in zip(loop, before, strict=True)):
         raise AssertionError("the checked step did not change the weights")
 
 
@@ -233,10 +241,13 @@ def run_size(size: str, copy_src: Tensor, copy_dst: Tensor, args: argparse.Names
     print(
         f"\n== albert-{size}: {setup.tensors} tensors, {setup.elements / 1e6:.2f}M fp32 elements "
         f"({setup.elements * 4 / 2**20:.0f} MiB per array); lr {setup.hyper.lr}, wd {setup.hyper.weight_decay}; "
-        "one step of ours and the Python loop agree (assert_close on weights and moments)",
+        "one step of ours, ours-eager and the Python loop agree (assert_close on weights and moments); "
+        f"ours {'compiled' if cpu_step_compiles() else 'NOT compiled (no working compiler): eager chunks'}",
         flush=True,
     )
-    runs = {OURS: setup.steps[OURS], LOOP: setup.steps[LOOP], COPY: lambda: copy_dst.copy_(copy_src)}
+    runs = {name: setup.steps[name] for name in (OURS, EAGER, LOOP)} | {
+        COPY: lambda: copy_dst.copy_(copy_src)
+    }
     samples = time_rounds(runs, repeats=args.repeats, warmup=args.warmup)
 
     copy_s = statistics.median(samples.wall[COPY])
@@ -272,7 +283,8 @@ def run_size(size: str, copy_src: Tensor, copy_dst: Tensor, args: argparse.Names
     verdict = {True: "met", False: "MISSED"}
     print(
         f"ours / python-loop: {ratio:.2f}x ({ratio_best:.2f}x best) -> target >= {TARGET_RATIO:g}x "
-        f"{verdict[ratio >= TARGET_RATIO]}"
+        f"{verdict[ratio >= TARGET_RATIO]}; ours-eager / python-loop: "
+        f"{rows[LOOP]['ms'] / rows[EAGER]['ms']:.2f}x"
     )
     print(
         f"ours at {100 * fraction:.0f}% of memcpy bandwidth ({BYTES_PER_ELEMENT} B/element; copy "
@@ -296,6 +308,8 @@ def run_size(size: str, copy_src: Tensor, copy_dst: Tensor, args: argparse.Names
         "variants": rows,
         "ratio_ours_vs_loop": ratio,
         "ratio_ours_vs_loop_best": ratio_best,
+        "ratio_eager_vs_loop": rows[LOOP]["ms"] / rows[EAGER]["ms"],
+        "ours_compiled": cpu_step_compiles(),
         "ours_copy_fraction": fraction,
         "target_ratio_met": ratio >= TARGET_RATIO,
         "target_copy_fraction_met": fraction >= TARGET_COPY_FRACTION,

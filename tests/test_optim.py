@@ -5,6 +5,8 @@ from __future__ import annotations
 import copy
 import itertools
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -340,50 +342,123 @@ def lay_out_flat(optimizer: Lamb, *, pad: int) -> list[tuple[list[torch.Tensor],
     return layout
 
 
+def three_steps(
+    model: nn.Module,
+    grads: list[list[torch.Tensor]],
+    chunk: int | None,
+    *,
+    flat: bool,
+    compiled: bool = False,
+) -> list[torch.Tensor]:
+    """The weights after a step on each of ``grads`` by Lamb on a copy of ``model``, one flat tensor per
+    parameter in the model's order, plus the padding when ``flat`` (the layout of :func:`lay_out_flat`).
+    ``chunk``: the CPU path with chunks of that many elements (None: the multi-tensor path); ``compiled``:
+    its compiled loops, whatever the size of the groups, cut at ``chunk`` elements too."""
+    twin = copy.deepcopy(model)
+    optimizer = Lamb(param_groups(twin, WEIGHT_DECAY), lr=LR, compile_cpu=compiled)
+    optimizer._chunked_on_cpu = chunk is not None
+    optimizer._chunk_numel = optimizer._compiled_chunk_numel = chunk or optimizer._chunk_numel
+    optimizer._compile_min_numel = 0
+    layout = lay_out_flat(optimizer, pad=5) if flat else []
+    for step_grads in grads:
+        for p, g in zip(twin.parameters(), step_grads, strict=True):
+            p.grad = g
+        for members, flats in layout:
+            padding = torch.ones(sum(f.numel() for f in flats) - sum(p.numel() for p in members))
+            whole = torch.cat([p.grad.reshape(-1) for p in members] + [padding])
+            for f, g in zip(flats, whole.split([f.numel() for f in flats]), strict=True):
+                f.grad = g.clone()
+        optimizer.step()
+    assert (optimizer._scratch is None) == (compiled or chunk is None)  # the eager chunks' scratch
+    if not flat:
+        return [p.detach().reshape(-1) for p in twin.parameters()]
+    pieces, padding = {}, []
+    for members, flats in layout:
+        whole = torch.cat([f.detach() for f in flats])
+        sizes = [p.numel() for p in members]
+        *weights, tail = whole.split([*sizes, whole.numel() - sum(sizes)])
+        pieces.update(zip(map(id, members), weights, strict=True))
+        padding.append(tail)
+    return [pieces[id(p)] for p in twin.parameters()] + [torch.cat(padding)]
+
+
+def random_grads(model: nn.Module, steps: int = 3) -> list[list[torch.Tensor]]:
+    gen = torch.Generator().manual_seed(3)
+    return [[torch.randn(p.shape, generator=gen) for p in model.parameters()] for _ in range(steps)]
+
+
 @pytest.mark.parity
 def test_cpu_chunks_on_a_flat_zero_like_layout():
     # One process standing in for ZeRO (lay_out_flat). Chunks of 37 elements cut fragments, and fragments
     # cut chunks. After 3 steps the flats hold the weights of the multi-tensor path on the same flats and
     # of Lamb on the parameters themselves; the padding is updated alike by both paths (with r = 1).
     model = tiny_model()
-    gen = torch.Generator().manual_seed(3)
-    grads = [[torch.randn(p.shape, generator=gen) for p in model.parameters()] for _ in range(3)]
-
-    def run(chunk: int | None, *, flat: bool) -> list[torch.Tensor]:
-        """The weights (and padding) after 3 steps, one flat tensor per parameter in the model's order."""
-        twin = copy.deepcopy(model)
-        optimizer = Lamb(param_groups(twin, WEIGHT_DECAY), lr=LR)
-        optimizer._chunked_on_cpu = chunk is not None
-        optimizer._chunk_numel = chunk or optimizer._chunk_numel
-        layout = lay_out_flat(optimizer, pad=5) if flat else []
-        for step_grads in grads:
-            for p, g in zip(twin.parameters(), step_grads, strict=True):
-                p.grad = g
-            for members, flats in layout:
-                padding = torch.ones(sum(f.numel() for f in flats) - sum(p.numel() for p in members))
-                whole = torch.cat([p.grad.reshape(-1) for p in members] + [padding])
-                for f, g in zip(flats, whole.split([f.numel() for f in flats]), strict=True):
-                    f.grad = g.clone()
-            optimizer.step()
-        if not flat:
-            return [p.detach().reshape(-1) for p in twin.parameters()]
-        pieces, padding = {}, []
-        for members, flats in layout:
-            whole = torch.cat([f.detach() for f in flats])
-            sizes = [p.numel() for p in members]
-            *weights, tail = whole.split([*sizes, whole.numel() - sum(sizes)])
-            pieces.update(zip(map(id, members), weights, strict=True))
-            padding.append(tail)
-        return [pieces[id(p)] for p in twin.parameters()] + [torch.cat(padding)]
-
-    want = run(None, flat=False)
-    chunked, foreach_flat, chunked_flat = run(37, flat=False), run(None, flat=True), run(37, flat=True)
+    grads = random_grads(model)
+    want = three_steps(model, grads, None, flat=False)
+    chunked = three_steps(model, grads, 37, flat=False)
+    foreach_flat, chunked_flat = (
+        three_steps(model, grads, None, flat=True),
+        three_steps(model, grads, 37, flat=True),
+    )
     assert len(chunked_flat) == len(foreach_flat) == len(want) + 1 and chunked_flat[-1].numel() == 5
     for got, expected in zip(chunked_flat, foreach_flat, strict=True):  # with the padding
         assert_close(got, expected, rtol=1e-6, atol=1e-9)
     for run_ in (chunked, chunked_flat):
         for got, expected in zip(run_, want, strict=False):
             assert_close(got, expected, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parity
+def test_compiled_cpu_step_matches_the_eager_chunks():
+    # The compiled loops (torch.compile, forced on for the tiny model's small groups) on the parameters, and
+    # on the flat ZeRO-like layout where calls of 37 elements cut fragments and fragments cut calls: after 3
+    # steps, the weights of the eager chunks and of the multi-tensor path to fp32 rounding, padding included.
+    model = tiny_model()
+    grads = random_grads(model)
+    want = three_steps(model, grads, None, flat=False)
+    want_flat = three_steps(model, grads, 37, flat=True)
+    compiled = three_steps(model, grads, 1 << 18, flat=False, compiled=True)
+    compiled_flat = three_steps(model, grads, 37, flat=True, compiled=True)
+    assert len(compiled_flat) == len(want_flat) and compiled_flat[-1].numel() == 5
+    # Rounding apart (contracted multiply-adds, another square root), a step differs by ulps of lr r u: with
+    # lr 0.01 and |u| up to ~1, some 1e-9 per step; moments that nearly cancel make a few of them larger.
+    for got, expected in [*zip(compiled, want, strict=True), *zip(compiled_flat, want_flat, strict=True)]:
+        assert_close(got, expected, rtol=1e-6, atol=1e-8)
+    moved = torch.cat(compiled) - torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    assert moved.abs().max() > 1e-3  # the steps did move the weights
+
+
+FALLBACK_SCRIPT = """
+import torch
+from albert_scale.optim import Lamb
+weights = []
+for compile_cpu in (True, False):
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(3000))
+    w.grad = torch.randn(3000)
+    lamb = Lamb([w], lr=0.01, weight_decay=0.01, compile_cpu=compile_cpu)
+    lamb._compile_min_numel = 0
+    lamb.step()
+    weights.append(w.detach())
+print("equal" if torch.equal(*weights) else "differ")
+"""
+
+
+@pytest.mark.unit
+def test_without_a_compiler_the_cpu_step_warns_once_and_runs_eagerly(tmp_path):
+    # A real failure of torch.compile: no C++ compiler (CXX names none) and an empty Inductor cache, in a
+    # child process. The step still happens, with the eager chunks' very bits, after one warning.
+    env = subprocess_env(CXX=str(tmp_path / "no-such-c++"), TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "cache"))
+    proc = subprocess.run(
+        [sys.executable, "-c", FALLBACK_SCRIPT], env=env, capture_output=True, text=True, timeout=240
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == ["equal"]
+    warnings = [
+        line for line in proc.stderr.splitlines() if "torch.compile of the CPU step does not work" in line
+    ]
+    assert len(warnings) == 1, proc.stderr[-3000:]
+    assert "eager" in warnings[0]
 
 
 @pytest.mark.unit
