@@ -143,8 +143,8 @@ class OptimConfig:
     """Global gradient-norm clipping; 0 turns it off."""
     compile_cpu: bool = True
     """LAMB on CPU (a CPU run, or ZeRO-Offload's host step): compile its step for groups of 1M elements or
-    more into fused loops with torch.compile (once per process, a few seconds, needs a C++ compiler; without
-    one it warns and runs torch's eager kernels). false: always the eager kernels."""
+    more (per rank under ZeRO) into fused loops with torch.compile (once per process, a few seconds, needs
+    a C++ compiler; without one it warns and runs torch's eager kernels). false: always the eager kernels."""
 
     def __post_init__(self) -> None:
         _require(self.lr > 0, "lr", self.lr, "must be > 0")

@@ -269,7 +269,9 @@ class Lamb(torch.optim.Optimizer):
 
     _compile_min_numel = 1 << 20
     """Groups of at least this many elements take the compiled loop on the CPU path (when ``compile_cpu``);
-    smaller ones, where a step costs less than a millisecond, are not worth the compilation."""
+    smaller ones, where a step costs less than a millisecond, are not worth the compilation. Under ZeRO the
+    count is of the rank's own partition, so the same model can take the compiled loop at one rank and the
+    eager chunks at several (the two agree to fp32 rounding)."""
 
     def __init__(
         self,
