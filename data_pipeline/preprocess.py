@@ -73,7 +73,11 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
         help="reuse this SentencePiece model (e.g. Google's ALBERT spiece.model) instead of training one",
     )
     parser.add_argument(
-        "--num-workers", type=int, metavar="N", help="encoding actors (default: every CPU of the Ray cluster)"
+        "--num-workers",
+        type=int,
+        metavar="N",
+        help="encoding actors (default: every CPU of the Ray cluster, but at most one per "
+        f"{BYTES_PER_DEFAULT_WORKER >> 20} MB of input)",
     )
     parser.add_argument(
         "--ray-address",
@@ -152,6 +156,19 @@ def _start_ray(address: str | None) -> bool:
 ENCODERS_PER_READER = 4
 OBJECT_STORE_BASE = 128 << 20
 OBJECT_STORE_PER_WORKER = 64 << 20
+
+
+BYTES_PER_DEFAULT_WORKER = 32 << 20
+"""Without --num-workers, each encoding actor gets at least this much input (file sizes as stored). An
+actor's start (a worker process importing ray.data, the SentencePiece model loaded) costs about a second
+of CPU, against ~0.11 s per MB of encoding, and on a small corpus a second actor finishes later than one
+(docs/benchmarks.md, 15.5 MB: 2 workers 0.74-1.05x the speed of 1)."""
+
+
+def default_workers(cpus: int, input_bytes: int) -> int:
+    """The default number of encoding actors: every CPU, but no more than one per
+    :data:`BYTES_PER_DEFAULT_WORKER` of input, and at least one."""
+    return max(1, min(cpus, -(-input_bytes // BYTES_PER_DEFAULT_WORKER)))
 
 
 def _read_dataset(files: list[InputFile], limits: ReadLimits, *, workers: int):
@@ -329,7 +346,17 @@ def run(args: argparse.Namespace) -> int:
     try:
         import ray
 
-        num_workers = args.num_workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
+        num_workers = args.num_workers
+        if num_workers is None:
+            cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+            input_bytes = sum(f.size for f in files)
+            num_workers = default_workers(cpus, input_bytes)
+            if num_workers < cpus and not args.quiet:
+                print(
+                    f"{num_workers} encoding worker(s) for {input_bytes / 1e6:.1f} MB of input (one per "
+                    f"{BYTES_PER_DEFAULT_WORKER >> 20} MB; {cpus} CPUs; --num-workers N to choose)",
+                    file=sys.stderr,
+                )
         if given_tokenizer is not None:
             if not model_path.exists() or sha256_file(model_path) != tokenizer_sha:
                 atomic_write_bytes(model_path, given_tokenizer.read_bytes())

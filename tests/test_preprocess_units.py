@@ -390,3 +390,15 @@ def test_shard_bytes_do_not_depend_on_how_the_stream_was_cut(tmp_path):
         digests[name] = [(shard["rows"], shard["sha256"]) for shard in writer.close()]
     assert len(set(map(tuple, digests.values()))) == 1, digests
     assert [rows for rows, _ in digests["one table"]] == [1900, 1900, 1200]
+
+
+def test_default_workers_are_every_cpu_but_one_per_32_mb_of_input():
+    from data_pipeline.preprocess import default_workers
+
+    mb = 1 << 20
+    assert default_workers(2, 0) == 1  # empty inputs are reported later; still one worker
+    assert default_workers(2, 16 * mb) == 1  # the built-in corpora: a second actor would only start
+    assert default_workers(2, 32 * mb + 1) == 2
+    assert default_workers(2, 10_000 * mb) == 2  # never more than the CPUs
+    assert default_workers(64, 100 * mb) == 4
+    assert default_workers(64, 10_000 * mb) == 64
