@@ -4,7 +4,9 @@ Usage:
     albert-scale register --export DIR --name NAME [--alias ALIAS] [--run-id ID]
 
 Checks the export's sha256 sums, logs it as an MLflow model (the transformers flavor, as a fill-mask
-model: the pretrained encoder with its MLM head, and the tokenizer) into the training run (``--run-id``,
+model: the pretrained encoder with its MLM head, and the tokenizer; the encoder keeps its pretrained
+[CLS] pooler, which ``AlbertForMaskedLM`` alone would drop, so that a sequence classifier fine-tuned
+from the registry starts from the same weights as one fine-tuned from the export) into the training run (``--run-id``,
 else the run recorded in the run directory the checkpoint came from, else a new run), registers a new
 version of NAME, points ALIAS at it (default ``candidate``), describes it with the data and the final
 evaluation, and records the sha256 of every file of the logged model in the version's tag
@@ -110,7 +112,7 @@ def register(
                 f"--run-id {run_id}: no such run at {uri} ({first_line(err) or type(err).__name__})"
             ) from None
     transformers.logging.set_verbosity_error()  # no report of the pretraining heads the MLM model leaves out
-    model = transformers.AlbertForMaskedLM.from_pretrained(export, use_safetensors=True)
+    model = fill_mask_model(export)
     tokenizer = transformers.AlbertTokenizer.from_pretrained(export)
     with mlflow.start_run(run_id=run_id, run_name=None if run_id else f"register-{name}") as active:
         info = mlflow.transformers.log_model(
@@ -127,6 +129,22 @@ def register(
     client.set_registered_model_alias(name, alias, version_)
     client.update_model_version(name, version_, description=_description(record, client, run_id))
     return Registered(name=name, version=str(version_), alias=alias, run_id=run_id, uri=uri)
+
+
+def fill_mask_model(export: Path):
+    """``AlbertForMaskedLM`` of the export whose encoder also holds the pretrained pooler.
+
+    transformers builds the MLM model's encoder without a pooler, so saving it would leave the pooler
+    out and every classifier fine-tuned from the registered model would start from a random one. With
+    the full encoder in its place, the saved weights are the encoder (pooler included) and the MLM head;
+    the fill-mask pipeline ignores the pooler, ``AlbertForSequenceClassification`` loads it.
+    """
+    import transformers
+
+    model = transformers.AlbertForMaskedLM.from_pretrained(export, use_safetensors=True)
+    model.albert = transformers.AlbertModel.from_pretrained(export, use_safetensors=True)
+    model.tie_weights()  # the decoder shares the new encoder's word embeddings
+    return model
 
 
 def _logged_sums(mlflow, model_uri: str) -> dict[str, str]:

@@ -52,6 +52,20 @@ def test_register_links_the_training_run_and_loads_by_alias(
         mlflow.artifacts.download_artifacts("models:/tiny-albert@champion", dst_path=str(tmp_path / "dl"))
     )
     assert list(local.rglob("config.json")) and list(local.rglob("model.safetensors"))
+    # The registered weights are the export's, the [CLS] pooler included (a classifier fine-tuned from the
+    # registry starts from it); only the sentence-order head stays behind.
+    import torch
+    from safetensors.torch import load_file
+
+    exported = load_file(export / "model.safetensors")
+    (registered_file,) = local.rglob("model.safetensors")
+    registered = load_file(registered_file)
+    assert "albert.pooler.weight" in registered
+    assert set(exported) - set(registered) == {
+        "sop_classifier.classifier.weight",
+        "sop_classifier.classifier.bias",
+    }
+    assert all(torch.equal(registered[key], exported[key]) for key in registered)
 
     # A second registration makes version 2 and moves the alias.
     again = _cli(uri, "register", "--export", str(export), "--name", "tiny-albert", "--alias", "champion")
@@ -93,11 +107,18 @@ def test_register_links_the_training_run_and_loads_by_alias(
     assert results["train_examples"] == 600 and results["test_examples"] > 1000
     for name in ("pretrained", "random_init", "majority"):
         assert 0.0 <= results[name]["test_accuracy"] <= 1.0
+    margin = results["margin"]  # paired on the same test examples
+    assert margin["points"] == pytest.approx(
+        results["pretrained"]["test_accuracy"] - results["random_init"]["test_accuracy"]
+    )
+    assert margin["ci95"][0] <= margin["points"] <= margin["ci95"][1]
+    assert "95% interval" in tuned.stdout
     tuned_run = client.get_run(results["mlflow_run_id"])
     assert tuned_run.data.tags["albert_scale.source_model"] == "models:/tiny-albert@champion"
     assert tuned_run.data.tags["albert_scale.source_version"] == "2"
     assert tuned_run.data.tags["albert_scale.source_run_id"] == training_run
     assert tuned_run.data.metrics["pretrained/final_test_accuracy"] == results["pretrained"]["test_accuracy"]
+    assert tuned_run.data.metrics["margin/ci95_low"] == pytest.approx(margin["ci95"][0])
     import transformers
 
     assert (
