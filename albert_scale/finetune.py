@@ -9,8 +9,9 @@ registered) or checks an export's sha256 sums (a directory), loads weights from 
 is unpickled), splits the labelled data into train and test by a hash of each text (the same split every
 time), fine-tunes ``transformers.AlbertForSequenceClassification`` from the pretrained weights, and reports
 test accuracy against two baselines run beside it: the majority label, and the same architecture and
-recipe from random initialization. Logs its own MLflow run (experiment ``albert-scale-finetune``) tagged
-with the source model version and its training run. ``--task rotten-tomatoes`` is the built-in labelled
+recipe from random initialization, with the pretrained model's margin over it and the margin's 95%
+interval (paired over the test examples). Logs its own MLflow run (experiment ``albert-scale-finetune``)
+tagged with the source model version and its training run. ``--task rotten-tomatoes`` is the built-in labelled
 corpus (``albert-scale corpus fetch rotten-tomatoes``); ``--data`` takes any JSONL with ``text`` and
 ``label``.
 
@@ -298,6 +299,7 @@ def finetune(
         }
         tracker = _Run(source, config, task or str(data))
         runs = [("pretrained", True)] + ([("random_init", False)] if config.baseline else [])
+        correct: dict[str, list[bool]] = {}
         for label, pretrained in runs:
             torch.manual_seed(config.seed)
             if pretrained:
@@ -307,12 +309,14 @@ def finetune(
             else:
                 hf_config = transformers.AlbertConfig.from_pretrained(source.directory, num_labels=len(names))
                 net = transformers.AlbertForSequenceClassification(hf_config)
-            results[label] = _train_and_test(
+            results[label], correct[label] = _train_and_test(
                 net, encoded, label_ids, train_idx, test_idx, config, label, tracker, say
             )
             if pretrained and output:
                 net.save_pretrained(Path(output) / "model")
                 tokenizer.save_pretrained(Path(output) / "model")
+        if config.baseline:
+            results["margin"] = paired_margin(correct["pretrained"], correct["random_init"])
         results["mlflow_run_id"] = tracker.finish(results)
     if output:
         Path(output).mkdir(parents=True, exist_ok=True)
@@ -322,7 +326,8 @@ def finetune(
 
 def _train_and_test(
     net, encoded, label_ids, train_idx, test_idx, config, label, tracker, say
-) -> dict[str, float]:
+) -> tuple[dict[str, float], list[bool]]:
+    """Fine-tunes ``net``; returns its summary and, per test example, whether its final prediction is right."""
     import torch
 
     generator = torch.Generator().manual_seed(config.seed)
@@ -339,7 +344,8 @@ def _train_and_test(
             losses.append(_train_batch(net, optimizer, schedule, encoded, label_ids, batch))
             step += 1
             bar.update()
-        accuracy = _accuracy(net, encoded, label_ids, test_idx, config.batch_size)
+        correct = _correct(net, encoded, label_ids, test_idx, config.batch_size)
+        accuracy = sum(correct) / len(correct)
         mean_loss = sum(losses) / len(losses)
         tracker.log({f"{label}/train_loss": mean_loss, f"{label}/test_accuracy": accuracy}, epoch + 1)
         bar.write(
@@ -347,7 +353,8 @@ def _train_and_test(
             f"({time.perf_counter() - started:.0f} s)"
         )
     bar.close()
-    return {"test_accuracy": accuracy, "train_loss": mean_loss, "seconds": time.perf_counter() - started}
+    summary = {"test_accuracy": accuracy, "train_loss": mean_loss, "seconds": time.perf_counter() - started}
+    return summary, correct
 
 
 def _optimizer(net, config: FinetuneConfig, total: int):
@@ -457,17 +464,56 @@ def _collate(encoded, batch: list[int]):
     return out
 
 
-def _accuracy(net, encoded, label_ids, indices, batch_size) -> float:
+def _correct(net, encoded, label_ids, indices, batch_size) -> list[bool]:
+    """Whether the model predicts each of ``indices`` right, in order."""
     import torch
 
     net.eval()
-    correct = 0
+    correct: list[bool] = []
     with torch.no_grad():
         for start in range(0, len(indices), batch_size):
             batch = indices[start : start + batch_size]
             predicted = net(**_collate(encoded, batch)).logits.argmax(-1)
-            correct += int((predicted == torch.tensor([label_ids[i] for i in batch])).sum())
-    return correct / len(indices)
+            correct += (predicted == torch.tensor([label_ids[i] for i in batch])).tolist()
+    return correct
+
+
+# The normal quantile of a two-sided 95% interval.
+Z95 = 1.959963984540054
+
+
+def paired_margin(first: list[bool], second: list[bool]) -> dict[str, Any]:
+    """The accuracy difference of two models on the same test examples, with its 95% interval.
+
+    Paired: only the examples the two models disagree on carry information (``only_first``,
+    ``only_second``); the interval is the normal one for a difference of paired proportions,
+    ``d +- z * sqrt(b + c - (b - c)^2 / n) / n``. It covers the sampling of the test examples, not the
+    randomness of training (another seed moves the margin too).
+    """
+    if len(first) != len(second) or not first:
+        raise ValueError("paired_margin: two non-empty lists of the same length expected")
+    n = len(first)
+    b = sum(x and not y for x, y in zip(first, second, strict=True))
+    c = sum(y and not x for x, y in zip(first, second, strict=True))
+    difference = (b - c) / n
+    half = Z95 * math.sqrt(max(0.0, b + c - (b - c) ** 2 / n)) / n
+    return {
+        "points": difference,
+        "ci95": [difference - half, difference + half],
+        "only_first": b,
+        "only_second": c,
+        "significant": bool(difference - half > 0 or difference + half < 0),
+    }
+
+
+def describe_margin(margin: dict[str, Any]) -> str:
+    """``+1.5 points (95% interval -0.9 to +3.8 over the test examples; not significant)``."""
+    low, high = margin["ci95"]
+    verdict = "significant" if margin["significant"] else "not significant"
+    return (
+        f"{margin['points'] * 100:+.1f} points (95% interval {low * 100:+.1f} to {high * 100:+.1f} "
+        f"over the test examples; {verdict})"
+    )
 
 
 class _Run:
@@ -523,11 +569,22 @@ class _Run:
                 )
                 for name in ("pretrained", "random_init", "majority")
                 if name in results
+            ]
+            + [
+                self.mlflow.entities.Metric(f"margin/{name}", value, int(time.time() * 1000), 0)
+                for name, value in _margin_metrics(results)
             ],
         )
         client.log_dict(self.run_id, results, "results.json")
         client.set_terminated(self.run_id)
         return self.run_id
+
+
+def _margin_metrics(results: dict[str, Any]) -> list[tuple[str, float]]:
+    if "margin" not in results:
+        return []
+    margin = results["margin"]
+    return [("points", margin["points"]), ("ci95_low", margin["ci95"][0]), ("ci95_high", margin["ci95"][1])]
 
 
 def format_results(results: dict[str, Any]) -> str:
@@ -538,9 +595,8 @@ def format_results(results: dict[str, Any]) -> str:
     width = max(len(name) for name, _ in rows)
     lines = [f"# test accuracy on {results['test_examples']} held-out examples"]
     lines += [f"{name:<{width}}  {value:.2%}" for name, value in rows]
-    if "random_init" in results:
-        margin = results["pretrained"]["test_accuracy"] - results["random_init"]["test_accuracy"]
-        lines.append(f"pretraining margin over random init: {margin:+.2%} points")
+    if "margin" in results:
+        lines.append(f"pretraining margin over random init: {describe_margin(results['margin'])}")
     if results.get("mlflow_run_id"):
         lines.append(f"MLflow run {results['mlflow_run_id']} (experiment {EXPERIMENT})")
     return "\n".join(lines)

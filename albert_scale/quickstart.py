@@ -338,13 +338,20 @@ def sized(config: Config, steps: int, uri: str) -> Config:
 
 
 def format_summary(summary: dict[str, Any]) -> str:
+    from albert_scale.finetune import describe_margin
+
     before, after = summary["training"]["before"], summary["training"]["after"]
     tuned = summary["finetune"]
     pretrained = tuned["pretrained"]["test_accuracy"]
     random_init = tuned.get("random_init", {}).get("test_accuracy")
     majority = tuned["majority"]["test_accuracy"]
     root = summary["root"]
-    margin = "" if random_init is None else f" ({(pretrained - random_init) * 100:+.1f} points)"
+    if "margin" in tuned:
+        margin = f" ({describe_margin(tuned['margin'])})"
+    elif random_init is not None:  # results written before the interval was reported
+        margin = f" ({(pretrained - random_init) * 100:+.1f} points)"
+    else:
+        margin = ""
     lines = [
         "",
         f"albert-scale quickstart: done in {_clock(summary['seconds'])} (budget {summary['minutes']:g} min)",

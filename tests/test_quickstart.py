@@ -58,7 +58,8 @@ def test_quickstart_runs_every_stage_and_continues_after_an_interruption(tmp_pat
 
     results = json.loads((root / "finetune" / "results.json").read_text())
     assert results["model"] == "models:/albert-smoke@candidate" and results["model_version"] == "1"
-    assert {"pretrained", "random_init", "majority"} <= results.keys()
+    assert {"pretrained", "random_init", "majority", "margin"} <= results.keys()
+    assert "95% interval" in out
     client = mlflow.MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
     version = client.get_model_version_by_alias("albert-smoke", "candidate")
     assert (
