@@ -16,7 +16,8 @@ corpus (``albert-scale corpus fetch rotten-tomatoes``); ``--data`` takes any JSO
 ``label``.
 
 Settings (``key=value``): epochs, batch_size, lr, weight_decay, warmup_fraction, max_seq_length,
-test_fraction, max_train_examples (0 = all), seed, baseline (true: also train from random init).
+test_fraction, max_train_examples (0 = all), seed, baseline (true: also train from random init),
+reinit_pooler (true: a fresh [CLS] pooler instead of the pretrained one).
 """
 
 from __future__ import annotations
@@ -60,6 +61,9 @@ class FinetuneConfig:
     max_train_examples: int = 0
     seed: int = 12345
     baseline: bool = True
+    reinit_pooler: bool = False
+    """Start from a fresh [CLS] pooler instead of the one sentence-order prediction trained (the rest of
+    the encoder stays pretrained). Helps when pretraining was short: see the README's quick start."""
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "max_seq_length"):
@@ -306,6 +310,8 @@ def finetune(
                 net = transformers.AlbertForSequenceClassification.from_pretrained(
                     source.directory, num_labels=len(names), use_safetensors=True
                 )
+                if config.reinit_pooler:
+                    reinit_pooler(net)
             else:
                 hf_config = transformers.AlbertConfig.from_pretrained(source.directory, num_labels=len(names))
                 net = transformers.AlbertForSequenceClassification(hf_config)
@@ -322,6 +328,16 @@ def finetune(
         Path(output).mkdir(parents=True, exist_ok=True)
         (Path(output) / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     return results
+
+
+def reinit_pooler(net) -> None:
+    """Draws the pooler of an ``AlbertForSequenceClassification`` afresh, as the model's own init does."""
+    import torch
+
+    pooler = net.albert.pooler
+    with torch.no_grad():
+        pooler.weight.normal_(0.0, net.config.initializer_range)
+        pooler.bias.zero_()
 
 
 def _train_and_test(

@@ -62,3 +62,31 @@ def test_description_and_bad_input():
         paired_margin([True], [True, False])
     with pytest.raises(ValueError, match="non-empty"):
         paired_margin([], [])
+
+
+def test_reinit_pooler_draws_only_the_pooler_afresh():
+    import torch
+    import transformers
+
+    from albert_scale.finetune import reinit_pooler
+
+    config = transformers.AlbertConfig(
+        vocab_size=50,
+        embedding_size=8,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        num_labels=2,
+    )
+    net = transformers.AlbertForSequenceClassification(config)
+    with torch.no_grad():
+        net.albert.pooler.weight.fill_(0.5)
+        net.albert.pooler.bias.fill_(0.5)
+    before = {name: p.clone() for name, p in net.named_parameters()}
+    torch.manual_seed(0)
+    reinit_pooler(net)
+    changed = {name for name, p in net.named_parameters() if not torch.equal(p, before[name])}
+    assert changed == {"albert.pooler.weight", "albert.pooler.bias"}
+    assert net.albert.pooler.bias.abs().max() == 0
+    assert abs(net.albert.pooler.weight.std().item() - config.initializer_range) < 0.005

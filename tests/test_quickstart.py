@@ -60,6 +60,7 @@ def test_quickstart_runs_every_stage_and_continues_after_an_interruption(tmp_pat
     assert results["model"] == "models:/albert-smoke@candidate" and results["model_version"] == "1"
     assert {"pretrained", "random_init", "majority", "margin"} <= results.keys()
     assert "95% interval" in out
+    assert results["config"]["epochs"] == 1 and results["config"]["reinit_pooler"] is True
     client = mlflow.MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
     version = client.get_model_version_by_alias("albert-smoke", "candidate")
     assert (
