@@ -23,7 +23,6 @@ import contextlib
 import functools
 import io
 import os
-import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -153,8 +152,9 @@ def init_distributed() -> Distributed:
 
     Under a launcher (``deepspeed``, ``torchrun``: env rendezvous) or Ray Train (which has started the
     group) it joins that group. Without one it starts a world of one, setting RANK, WORLD_SIZE,
-    LOCAL_RANK, MASTER_ADDR and MASTER_PORT (a free port) where they are unset, so that no MPI discovery
-    is attempted. The backend is the accelerator's: nccl on CUDA, gloo on CPU.
+    LOCAL_RANK, MASTER_ADDR and MASTER_PORT where they are unset, so that no MPI discovery is attempted.
+    MASTER_PORT 0 lets the rendezvous store bind a port the system picks: a port found free beforehand
+    could be taken by another process before the store binds it. The backend is the accelerator's: nccl on CUDA, gloo on CPU.
     """
     global _STARTED_HERE
     deepspeed = _import_deepspeed()
@@ -167,10 +167,9 @@ def init_distributed() -> Distributed:
             ("WORLD_SIZE", "1"),
             ("LOCAL_RANK", "0"),
             ("MASTER_ADDR", "127.0.0.1"),
+            ("MASTER_PORT", "0"),
         ):
             os.environ.setdefault(key, value)
-        if "MASTER_PORT" not in os.environ:
-            os.environ["MASTER_PORT"] = str(_free_port())
     accelerator = get_accelerator()
     joined = deepspeed.comm.is_initialized()
     with contextlib.redirect_stdout(io.StringIO()):  # "DeepSpeed ... shm_comm_op built successfully"
@@ -477,9 +476,3 @@ class _ExpectedWarnings:
 
     def filter(self, record: Any) -> bool:
         return "untested optimizer" not in record.getMessage()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
