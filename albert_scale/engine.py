@@ -154,7 +154,8 @@ def init_distributed() -> Distributed:
     group) it joins that group. Without one it starts a world of one, setting RANK, WORLD_SIZE,
     LOCAL_RANK, MASTER_ADDR and MASTER_PORT where they are unset, so that no MPI discovery is attempted.
     MASTER_PORT 0 lets the rendezvous store bind a port the system picks: a port found free beforehand
-    could be taken by another process before the store binds it. The backend is the accelerator's: nccl on CUDA, gloo on CPU.
+    could be taken by another process before the store binds it. The backend is the accelerator's: nccl
+    on CUDA, gloo on CPU.
     """
     global _STARTED_HERE
     deepspeed = _import_deepspeed()

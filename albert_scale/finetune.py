@@ -11,9 +11,9 @@ time), fine-tunes ``transformers.AlbertForSequenceClassification`` from the pret
 test accuracy against two baselines run beside it: the majority label, and the same architecture and
 recipe from random initialization, with the pretrained model's margin over it and the margin's 95%
 interval (paired over the test examples). Logs its own MLflow run (experiment ``albert-scale-finetune``)
-tagged with the source model version and its training run. ``--task rotten-tomatoes`` is the built-in labelled
-corpus (``albert-scale corpus fetch rotten-tomatoes``); ``--data`` takes any JSONL with ``text`` and
-``label``.
+tagged with the source model version and its training run. ``--task rotten-tomatoes`` is the built-in
+labelled corpus (``albert-scale corpus fetch rotten-tomatoes``); ``--data`` takes any JSONL with
+``text`` and ``label``.
 
 Settings (``key=value``): epochs, batch_size, lr, weight_decay, warmup_fraction, max_seq_length,
 test_fraction, max_train_examples (0 = all), seed, baseline (true: also train from random init),
@@ -343,7 +343,8 @@ def reinit_pooler(net) -> None:
 def _train_and_test(
     net, encoded, label_ids, train_idx, test_idx, config, label, tracker, say
 ) -> tuple[dict[str, float], list[bool]]:
-    """Fine-tunes ``net``; returns its summary and, per test example, whether its final prediction is right."""
+    """Fine-tunes ``net``; returns its summary and, per test example, whether its final prediction is
+    right."""
     import torch
 
     generator = torch.Generator().manual_seed(config.seed)

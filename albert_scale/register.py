@@ -6,10 +6,10 @@ Usage:
 Checks the export's sha256 sums, logs it as an MLflow model (the transformers flavor, as a fill-mask
 model: the pretrained encoder with its MLM head, and the tokenizer; the encoder keeps its pretrained
 [CLS] pooler, which ``AlbertForMaskedLM`` alone would drop, so that a sequence classifier fine-tuned
-from the registry starts from the same weights as one fine-tuned from the export) into the training run (``--run-id``,
-else the run recorded in the run directory the checkpoint came from, else a new run), registers a new
-version of NAME, points ALIAS at it (default ``candidate``), describes it with the data and the final
-evaluation, and records the sha256 of every file of the logged model in the version's tag
+from the registry starts from the same weights as one fine-tuned from the export) into the training
+run (``--run-id``, else the run recorded in the run directory the checkpoint came from, else a new run),
+registers a new version of NAME, points ALIAS at it (default ``candidate``), describes it with the data
+and the final evaluation, and records the sha256 of every file of the logged model in the version's tag
 ``albert_scale.sha256`` (``finetune`` checks them after download). Then
 ``mlflow.transformers.load_model("models:/NAME@ALIAS")`` gives a fill-mask pipeline, and
 ``albert-scale finetune --model models:/NAME@ALIAS`` fine-tunes it. The tracking URI is
