@@ -70,7 +70,7 @@ class AlbertConfig:
     layer_norm_eps: float = 1e-12
     """LayerNorm epsilon."""
     classifier_dropout_prob: float = 0.1
-    """Dropout before the SOP and downstream classifiers."""
+    """Dropout before a downstream classifier (fine-tuning); the SOP head of pretraining has none."""
     pad_token_id: int = 0
     """Id of [pad]; its embedding row starts at zero and gets no gradient from the lookup."""
 
@@ -500,15 +500,21 @@ class AlbertMLMHead(nn.Module):
 
 
 class AlbertSOPHead(nn.Module):
-    """Sentence-order prediction from the pooled output: 1 = segments swapped."""
+    """Sentence-order prediction from the pooled output: 1 = segments swapped.
+
+    No dropout, as in google-research/ALBERT, whose pretraining applies the classifier to the pooled
+    output directly (``get_sentence_order_output``). transformers' AlbertSOPHead drops
+    ``classifier_dropout_prob`` (0.1) of the pooled output here, which adds noise to every pretraining
+    gradient of a v2 model, whose other dropout is 0. ``classifier_dropout_prob`` belongs to the
+    downstream classifier of fine-tuning, where both use it.
+    """
 
     def __init__(self, config: AlbertConfig):
         super().__init__()
-        self.dropout = nn.Dropout(config.classifier_dropout_prob)
         self.classifier = nn.Linear(config.hidden_size, 2)
 
     def forward(self, pooled: Tensor) -> Tensor:
-        return self.classifier(self.dropout(pooled))
+        return self.classifier(pooled)
 
 
 class AlbertForPreTraining(nn.Module):

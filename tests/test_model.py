@@ -70,7 +70,7 @@ def paired(config: AlbertConfig, seed: int = 0):
     ours = AlbertForPreTraining(config)
     theirs = hf_twin(config)
     theirs.load_state_dict(ours.state_dict(), strict=True)
-    # eval(): the SOP head's classifier dropout would draw different masks in the two models.
+    # eval(): transformers' SOP head drops out classifier_dropout_prob of the pooled output in training.
     return ours.eval(), theirs.eval()
 
 
@@ -82,6 +82,32 @@ def test_state_dict_names_and_shapes_match_transformers():
     }
     ours.load_state_dict(theirs.state_dict(), strict=True)
     theirs.load_state_dict(ours.state_dict(), strict=True)
+
+
+@pytest.mark.unit
+def test_pretraining_is_deterministic_in_training_mode_without_dropout():
+    """v2 configs have no dropout, and the SOP head has none (google-research/ALBERT's
+    get_sentence_order_output), whatever classifier_dropout_prob, the fine-tuning classifier's, says:
+    two training-mode passes give the same losses and gradients."""
+    config = dataclasses.replace(TINY, classifier_dropout_prob=0.5)
+    model = AlbertForPreTraining(config).train()
+    ids, mask, types, positions, labels, sop = make_batch(config)
+    results = []
+    for _ in range(2):
+        model.zero_grad()
+        out = model(
+            ids,
+            mask,
+            types,
+            masked_lm_positions=positions,
+            masked_lm_labels=labels,
+            sentence_order_labels=sop,
+        )
+        out.loss.backward()
+        results.append((out.sop_logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    assert torch.equal(results[0][0], results[1][0])
+    for name, grad in results[0][1].items():
+        assert torch.equal(grad, results[1][1][name]), name
 
 
 @pytest.mark.unit
