@@ -65,6 +65,17 @@ def dense_labels(ids: torch.Tensor, positions: torch.Tensor, labels: torch.Tenso
     return out
 
 
+def loss_and_grads(model: AlbertForPreTraining, config: AlbertConfig):
+    """One forward and backward pass on ``make_batch(config)``: the output and every parameter's gradient."""
+    ids, mask, types, positions, labels, sop = make_batch(config)
+    model.zero_grad()
+    out = model(
+        ids, mask, types, masked_lm_positions=positions, masked_lm_labels=labels, sentence_order_labels=sop
+    )
+    out.loss.backward()
+    return out, {name: param.grad.clone() for name, param in model.named_parameters()}
+
+
 def paired(config: AlbertConfig, seed: int = 0):
     torch.manual_seed(seed)
     ours = AlbertForPreTraining(config)
@@ -91,23 +102,10 @@ def test_pretraining_is_deterministic_in_training_mode_without_dropout():
     two training-mode passes give the same losses and gradients."""
     config = dataclasses.replace(TINY, classifier_dropout_prob=0.5)
     model = AlbertForPreTraining(config).train()
-    ids, mask, types, positions, labels, sop = make_batch(config)
-    results = []
-    for _ in range(2):
-        model.zero_grad()
-        out = model(
-            ids,
-            mask,
-            types,
-            masked_lm_positions=positions,
-            masked_lm_labels=labels,
-            sentence_order_labels=sop,
-        )
-        out.loss.backward()
-        results.append((out.sop_logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
-    assert torch.equal(results[0][0], results[1][0])
-    for name, grad in results[0][1].items():
-        assert torch.equal(grad, results[1][1][name]), name
+    (first, first_grads), (second, second_grads) = (loss_and_grads(model, config) for _ in range(2))
+    assert torch.equal(first.sop_logits, second.sop_logits)
+    for name, grad in first_grads.items():
+        assert torch.equal(grad, second_grads[name]), name
 
 
 @pytest.mark.unit
@@ -222,21 +220,12 @@ def test_padding_does_not_change_real_positions():
 @pytest.mark.unit
 def test_activation_checkpointing_gives_equal_gradients():
     config = SHAPES["inner-groups"]
-    ids, mask, types, positions, labels, sop = make_batch(config)
     grads = []
     for enabled in (False, True):
         torch.manual_seed(0)
-        model = AlbertForPreTraining(config, activation_checkpointing=enabled)
-        out = model(
-            ids,
-            mask,
-            types,
-            masked_lm_positions=positions,
-            masked_lm_labels=labels,
-            sentence_order_labels=sop,
+        grads.append(
+            loss_and_grads(AlbertForPreTraining(config, activation_checkpointing=enabled), config)[1]
         )
-        out.loss.backward()
-        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
     assert grads[0].keys() == grads[1].keys()
     for name in grads[0]:
         assert_close(grads[1][name], grads[0][name], rtol=0, atol=0, msg=name)
