@@ -331,7 +331,11 @@ def finetune(
 
 
 def reinit_pooler(net) -> None:
-    """Draws the pooler of an ``AlbertForSequenceClassification`` afresh, as the model's own init does."""
+    """Draws the pooler of an ``AlbertForSequenceClassification`` afresh, as the model's own init does.
+
+    By hand: transformers' ``_init_weights`` leaves weights that ``from_pretrained`` loaded untouched
+    (they are marked initialized), so calling it on the loaded pooler changes nothing.
+    """
     import torch
 
     pooler = net.albert.pooler
